@@ -1,0 +1,15 @@
+# Two commands do all set-up: `make demo` (the main job) and `make test` (the test suite).
+PY := .venv/bin/python
+
+.venv/installed: requirements.txt
+	python3 -m venv .venv
+	.venv/bin/pip install -q -r requirements.txt
+	touch .venv/installed
+
+demo: .venv/installed
+	$(PY) toy.py sample --model miniature/base --out results/base
+
+test: .venv/installed
+	$(PY) -m pytest -q tests
+
+.PHONY: demo test

@@ -1,0 +1,453 @@
+"""The one shared module of flow-opd: model loading, the SDE sampler, the per-step KL, the router,
+LoRA adapters on one base model, and small I/O helpers. Equation numbers (M1, M3, ...) refer to
+METHOD.md (kept in the project's shared notes and summarised in README.md).
+
+Conventions (diffusers' SD3): sigma = 1 is noise, sigma = 0 is data, x_sigma = (1-sigma) x0 + sigma eps,
+the model predicts the velocity eps - x0 and is fed timestep = 1000 sigma. Log-probabilities are
+AVERAGED over dimensions (the released Flow-GRPO convention, to which its PPO clip range is
+calibrated); the KL has both weightings (M3).
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from typing import Callable
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers warns about torchvision on import
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no per-shard bars for megabyte models
+import numpy as np
+import torch
+from PIL import Image
+
+# ----------------------------------------------------------------------------------------------
+# Model bundle: one loader for the real SD3 pipeline folder and the miniature model folder
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    transformer: torch.nn.Module        # SD3Transformer2DModel: velocity v(x, 1000 sigma, text)
+    scheduler: object                   # FlowMatchEulerDiscreteScheduler: gives the sigmas
+    encode: Callable                    # list[str] -> (embeds (B, T, D), pooled (B, P)), no grad
+    decode: Callable                    # latents -> images (B, 3, H, W) in [0, 1], no grad
+    latent_shape: Callable              # resolution (px) -> (C, h, w)
+    resolution: int                     # the model's native resolution in pixels
+    kind: str                           # "miniature" or "sd3"
+    path: str
+    defaults: dict = dataclasses.field(default_factory=lambda: {"eval_steps": 40, "guidance_scale": 4.5})  # paper's
+
+
+def load_model(path_or_id, device="cpu", dtype=torch.float32, text_encoder_3=True):
+    """A ModelBundle from a diffusers StableDiffusion3Pipeline folder or hub id (T5 may be absent),
+    or from a miniature model folder (made by `toy.py pretrain`)."""
+    path = str(path_or_id)
+    if os.path.isfile(os.path.join(path, "miniature.json")):
+        return load_miniature(path, device, dtype)
+    if os.path.isfile(os.path.join(path, "model_index.json")) or (not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path)):
+        return load_sd3(path, device, dtype, text_encoder_3)
+    raise ValueError(f"cannot load model {path!r}: expected a miniature model folder (with miniature.json), "
+                     f"a diffusers StableDiffusion3Pipeline folder (with model_index.json) or a hub id like "
+                     f"'stabilityai/stable-diffusion-3.5-medium'")
+
+
+def load_miniature(folder, device="cpu", dtype=torch.float32):
+    """The miniature model: pixel-space SD3 transformer, tiny CLIP text encoder, exact decoder."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerFast
+    with open(os.path.join(folder, "miniature.json")) as f:
+        config = json.load(f)
+    transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype).to(device)
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(os.path.join(folder, "text_encoder"), dtype=dtype).to(device)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(folder, "tokenizer"))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    transformer.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    codec = None
+    if config["space"] == "pca":
+        from safetensors.torch import load_file
+        codec = load_file(os.path.join(folder, "latent.safetensors"), device=str(device))
+
+    @torch.no_grad()
+    def encode(prompts):
+        return encode_miniature(text_encoder, tokenizer, prompts, config["max_tokens"])
+
+    @torch.no_grad()
+    def decode(latents):
+        return pixels_to_images(latents if codec is None else pca_decode(latents, codec))
+
+    return ModelBundle(transformer, scheduler, encode, decode, miniature_latent_shape(transformer, codec),
+                       config["resolution"], "miniature", str(folder),
+                       {"eval_steps": config["eval_steps"], "guidance_scale": config["guidance_scale"]})
+
+
+def miniature_latent_shape(transformer, codec):
+    """resolution -> (C, h, w): pixels, or the PCA latent at 1/factor of the resolution."""
+    channels = transformer.config.in_channels
+    factor = 1 if codec is None else int(codec["factor"])
+    return lambda res: (channels, res // factor, res // factor)
+
+
+def encode_miniature(text_encoder, tokenizer, prompts, max_tokens):
+    """Prompt embeddings of the miniature model (differentiable: pretraining trains the encoder)."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=max_tokens, truncation=True,
+                    return_tensors="pt").input_ids.to(text_encoder.device)
+    out = text_encoder(ids)
+    return out.last_hidden_state, out.text_embeds
+
+
+def pixels_to_images(x):
+    """Pixels in [-1, 1] -> images in [0, 1]."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def pca_encode(pixels, codec):
+    """A linear, near-exact latent space: each f x f x 3 pixel patch (pixels in [-1, 1]) projected on
+    k principal components, times a global scale: (B, 3, H, W) -> (B, k, H/f, W/f)."""
+    f = int(codec["factor"])
+    b, _, height, width = pixels.shape
+    patches = pixels.float().permute(0, 2, 3, 1).reshape(b, height // f, f, width // f, f, 3)
+    patches = patches.permute(0, 1, 3, 2, 4, 5).reshape(b, height // f, width // f, f * f * 3)
+    return ((patches - codec["mean"]) @ codec["basis"].T * codec["scale"]).permute(0, 3, 1, 2)
+
+
+def pca_decode(latents, codec):
+    """Inverse of pca_encode (exact on the span of the components): (B, k, h, w) -> (B, 3, h f, w f)."""
+    f = int(codec["factor"])
+    b, _, h, w = latents.shape
+    patches = latents.float().permute(0, 2, 3, 1) / codec["scale"] @ codec["basis"] + codec["mean"]
+    return patches.reshape(b, h, w, f, f, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, h * f, w * f)
+
+
+def load_sd3(path_or_id, device="cpu", dtype=torch.float32, text_encoder_3=True, max_sequence_length=None):
+    """The real model (SD3 / SD3.5) from a diffusers pipeline folder or hub id. Without T5 only the
+    two CLIP encoders run and a single zero T5 row is appended (diffusers pads 256 zero rows)."""
+    from diffusers import StableDiffusion3Pipeline
+    has_t5 = text_encoder_3
+    index = os.path.join(str(path_or_id), "model_index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            has_t5 = has_t5 and (json.load(f).get("text_encoder_3") or [None])[0] is not None
+    extra = {} if has_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+    pipe = StableDiffusion3Pipeline.from_pretrained(path_or_id, dtype=dtype, **extra).to(device)
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if module is not None:
+            module.eval().requires_grad_(False)
+    seq_len = max_sequence_length or (128 if has_t5 else 1)
+
+    @torch.no_grad()
+    def encode(prompts):
+        embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), None, None, device=device,
+                                                  do_classifier_free_guidance=False, max_sequence_length=seq_len)
+        return embeds, pooled
+
+    @torch.no_grad()
+    def decode(latents):
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        return (pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+    factor = pipe.vae_scale_factor
+    channels = pipe.transformer.config.in_channels
+    resolution = pipe.transformer.config.sample_size * factor
+    return ModelBundle(pipe.transformer, pipe.scheduler, encode, decode,
+                       lambda res: (channels, res // factor, res // factor), resolution, "sd3", str(path_or_id))
+
+
+# ----------------------------------------------------------------------------------------------
+# Velocity with optional classifier-free guidance (the one helper every stage calls)
+
+
+def velocity(model, x, sigma, embeds, pooled, guidance_scale=1.0, negative=None, **model_kwargs):
+    """v = v_uncond + w (v_cond - v_uncond) (METHOD.md §0); one batched call, or a single conditional
+    call when w == 1. `negative` is (embeds, pooled) of the empty prompt, batch 1 or B. `sigma` is a
+    float or a (B,) tensor; the model is fed timestep = 1000 sigma."""
+    batch = x.shape[0]
+    timestep = (torch.as_tensor(sigma, dtype=torch.float32, device=x.device) * 1000).expand(batch)
+    if guidance_scale == 1.0:
+        return model(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
+                     timestep=timestep, return_dict=False, **model_kwargs)[0]
+    if negative is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs the negative (empty) prompt embeddings")
+    neg_embeds, neg_pooled = (t.expand(batch, *t.shape[1:]) for t in negative)
+    doubled = {k: (v + v if isinstance(v, list) else v) for k, v in model_kwargs.items()}  # e.g. adapter_names
+    out = model(hidden_states=torch.cat([x, x]), encoder_hidden_states=torch.cat([neg_embeds, embeds]),
+                pooled_projections=torch.cat([neg_pooled, pooled]), timestep=torch.cat([timestep, timestep]),
+                return_dict=False, **doubled)[0]
+    v_uncond, v_cond = out.chunk(2)
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+# ----------------------------------------------------------------------------------------------
+# The SDE step with log-probability (M1) and the per-step KL (M3)
+
+
+def sampling_sigmas(scheduler, num_steps):
+    """sigma_0 = 1 > sigma_1 > ... > sigma_N = 0 of the scheduler (its shift applied), float32 (N+1,)."""
+    scheduler.set_timesteps(num_steps)
+    return scheduler.sigmas.detach().float().cpu().clone()
+
+
+def _as_batch(value, like):
+    """A scalar or (B,) sigma as a tensor broadcastable against x (B, ...)."""
+    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    return value.reshape(-1, *([1] * (like.dim() - 1))) if value.dim() else value
+
+
+def sde_std(sigma, sigma_next, sigma_1, noise_level):
+    """s_j = a sqrt(sigma_j / (1 - sigma~_j)) with sigma~_j = sigma_1 where sigma_j == 1 (M1)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    safe = torch.where(sigma == 1, torch.as_tensor(sigma_1, dtype=torch.float32), sigma)
+    return noise_level * torch.sqrt(sigma / (1 - safe))
+
+
+def sde_step(x, v, sigma, sigma_next, sigma_1, noise_level, noise=None, x_next=None):
+    """One Flow-GRPO SDE step (M1): returns (x_next, log_prob, mean, step_std).
+      mu     = x (1 + s^2 D / (2 sigma)) + v (1 + s^2 (1 - sigma) / (2 sigma)) D,   D = sigma_next - sigma
+      x_next = mu + s sqrt|D| eps
+      log p  = mean_d [ -(x_next - mu)^2 / (2 s^2 |D|) - log(s sqrt|D|) - log(2 pi) / 2 ]
+    Pass `x_next` to score a stored transition instead of sampling one. With noise_level 0 the step
+    is exactly the Euler ODE step x + v D and log_prob is None (a point mass has no density)."""
+    x, v = x.float(), v.float()
+    sigma_b, delta = _as_batch(sigma, x), _as_batch(sigma_next, x) - _as_batch(sigma, x)
+    if noise_level == 0:
+        mean = x + v * delta
+        return (mean if x_next is None else x_next), None, mean, torch.zeros_like(sigma_b)
+    s = _as_batch(sde_std(sigma, sigma_next, sigma_1, noise_level), x)
+    mean = x * (1 + s**2 / (2 * sigma_b) * delta) + v * (1 + s**2 * (1 - sigma_b) / (2 * sigma_b)) * delta
+    step_std = s * torch.sqrt(-delta)
+    if x_next is None:
+        x_next = mean + step_std * (noise if noise is not None else torch.randn_like(x))
+    log_prob = (-((x_next.detach() - mean) ** 2) / (2 * step_std**2) - torch.log(step_std) - 0.5 * math.log(2 * math.pi))
+    return x_next, log_prob.mean(dim=tuple(range(1, x.dim()))), mean, step_std
+
+
+def step_kl(v_student, v_teacher, sigma, sigma_next, sigma_1, noise_level, weighting="paper"):
+    """Reverse KL between the student's and the teacher's Gaussian steps from the same state (M3),
+    per sample (B,):
+      paper: KL_j = ||mu_s - mu_t||^2 / (2 s^2 |D|) = (|D| / 2) (c / s)^2 ||v_s - v_t||^2,
+             c = 1 + s^2 (1 - sigma) / (2 sigma)
+      code:  mean_d (mu_s - mu_t)^2 / (2 s^2)       = KL_j |D| / D_dims   (the released code)"""
+    v_student, v_teacher = v_student.float(), v_teacher.float()
+    sigma_b = _as_batch(sigma, v_student)
+    delta = _as_batch(sigma_next, v_student) - sigma_b
+    s = _as_batch(sde_std(sigma, sigma_next, sigma_1, noise_level), v_student)
+    c = 1 + s**2 * (1 - sigma_b) / (2 * sigma_b)
+    squared = ((c * delta * (v_student - v_teacher)) ** 2).flatten(1)  # (mu_s - mu_t)^2
+    if weighting == "paper":
+        return squared.sum(1) / (2 * s**2 * -delta).flatten()
+    if weighting == "code":
+        return squared.mean(1) / (2 * s**2).flatten()
+    raise ValueError(f"unknown KL weighting {weighting!r}; expected 'paper' or 'code'")
+
+
+def per_sample_noise(generators, shape, device="cpu"):
+    """One standard normal draw of `shape` per sample, each from that sample's own generator, so a
+    sample depends only on its seed (not on batch size or position)."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+@torch.no_grad()
+def rollout(model, embeds, pooled, latent_shape, sigmas, seeds, noise_level=0.7, guidance_scale=1.0,
+            negative=None, decode=None, **model_kwargs):
+    """Batched SDE sampling of whole trajectories (M1), reproducible from one seed per sample.
+    Returns {"states": (B, N+1, C, h, w) x_0..x_N, "log_probs": (B, N) or None (noise_level 0),
+    "sigmas": (N+1,), "images": decode(x_N) or None}."""
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x = per_sample_noise(generators, latent_shape, embeds.device)
+    states, log_probs = [x], []
+    for j in range(len(sigmas) - 1):
+        v = velocity(model, x, sigmas[j], embeds, pooled, guidance_scale, negative, **model_kwargs)
+        noise = per_sample_noise(generators, latent_shape, x.device) if noise_level > 0 else None
+        x, log_prob, _, _ = sde_step(x, v, sigmas[j], sigmas[j + 1], sigmas[1], noise_level, noise)
+        states.append(x)
+        log_probs.append(log_prob)
+    return {"states": torch.stack(states, 1), "sigmas": sigmas,
+            "log_probs": torch.stack(log_probs, 1) if noise_level > 0 else None,
+            "images": decode(x) if decode is not None else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts and the hard router R(c) (METHOD.md §4)
+
+GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def load_prompts(path):
+    """[(prompt, metadata or None)] from flow_grpo's formats: a GenEval metadata .jsonl (one JSON
+    object with a "prompt" per line) or a .txt file (one prompt per line)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path!r} does not exist; expected a .jsonl of GenEval metadata "
+                                f"or a .txt with one prompt per line")
+    items = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    meta = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}); expected one JSON object per line") from None
+                if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str):
+                    raise ValueError(f"{path}:{number}: expected a JSON object with a string \"prompt\", got {line.strip()[:80]!r}")
+                items.append((meta["prompt"], meta))
+            else:
+                items.append((line.strip(), None))
+    if not items:
+        raise ValueError(f"prompt file {path!r} holds no prompts")
+    return items
+
+
+def route(prompt, metadata, tasks):
+    """R(c): the task (teacher) of one prompt. From its metadata tag where present (a GenEval tag ->
+    'geneval', or an explicit "task"), else by rule: quoted text -> 'ocr', otherwise 'geneval'.
+    A prompt whose task is not among `tasks` is an error."""
+    metadata = metadata or {}
+    if "task" in metadata:
+        task = metadata["task"]
+    elif metadata.get("tag") in GENEVAL_TAGS:
+        task = "geneval"
+    elif metadata.get("tag") == "ocr" or re.search(r'"[^"]+"', prompt):
+        task = "ocr"
+    else:
+        task = "geneval"
+    if task not in tasks:
+        raise ValueError(f"prompt {prompt!r} routes to task {task!r}, but the teachers are {sorted(tasks)}")
+    return task
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA adapters on ONE base model (peft): a trainable student, frozen named teachers
+
+
+def add_lora(transformer, rank=32, alpha=64, targets=("to_q", "to_k", "to_v", "to_out.0"), name="student"):
+    """Wraps the transformer in a PeftModel with one trainable LoRA adapter `name` (the paper's
+    rank 32 / alpha 64 on the attention projections). Returns the PeftModel: call it like the
+    transformer; it also accepts adapter_names=[...] for per-sample mixed-adapter batches."""
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+    return get_peft_model(transformer, config, adapter_name=name)
+
+
+def load_adapter(peft_model, folder, name):
+    """Loads a frozen adapter from a peft folder (adapter_config.json + adapter_model.safetensors,
+    the layout of the published Flow-GRPO LoRAs) and restores the previously active adapter."""
+    if not os.path.isfile(os.path.join(str(folder), "adapter_config.json")):
+        raise FileNotFoundError(f"adapter folder {str(folder)!r} has no adapter_config.json; expected a peft "
+                                f"folder with adapter_config.json and adapter_model.safetensors")
+    check_adapter_fits(peft_model, folder)
+    active = peft_model.active_adapter
+    peft_model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+    peft_model.set_adapter(active)
+    freeze_all_but(peft_model, active)
+    return peft_model
+
+
+def check_adapter_fits(peft_model, folder):
+    """(peft_model: a PeftModel or the bare base.) A clear error if a peft adapter folder was trained on another base: every LoRA pair must name
+    a linear layer of this base with matching input/output sizes."""
+    from safetensors import safe_open
+    weights = os.path.join(str(folder), "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"adapter folder {str(folder)!r} has no adapter_model.safetensors")
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    modules = dict(base.named_modules())
+    with safe_open(weights, "pt") as f:
+        for key in f.keys():
+            match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight", key)
+            if not match:
+                continue
+            module = modules.get(match.group(1))
+            layer = getattr(module, "base_layer", module)
+            shape = f.get_slice(key).get_shape()
+            size, expected = (shape[1], "in_features") if match.group(2) == "A" else (shape[0], "out_features")
+            if layer is None or getattr(layer, expected, None) != size:
+                found = "no such layer" if layer is None else f"{expected}={getattr(layer, expected, None)}"
+                raise ValueError(f"adapter {str(folder)!r} does not fit this base model: {key} has {expected}={size} "
+                                 f"but the base has {found}; expected an adapter trained on this base")
+
+
+def freeze_all_but(peft_model, trainable):
+    """Only adapter `trainable`'s LoRA weights require grad (peft's set_adapter unfreezes the one it
+    activates, which would make a teacher trainable)."""
+    for param_name, param in peft_model.named_parameters():
+        param.requires_grad_(trainable is not None and f".{trainable}." in param_name)
+
+
+@contextlib.contextmanager
+def use_adapter(peft_model, name):
+    """Runs the block with adapter `name` active (None: adapters disabled, the base model), then
+    restores the previous adapter and the student-only trainable set."""
+    previous = peft_model.active_adapter
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    try:
+        if name is None:
+            with peft_model.disable_adapter():
+                yield peft_model
+        else:
+            peft_model.set_adapter(name)
+            yield peft_model
+    finally:
+        if name is not None:
+            peft_model.set_adapter(previous)
+        for n, p in peft_model.named_parameters():
+            p.requires_grad_(n in trainable)
+
+
+def save_adapter(peft_model, name, folder):
+    """Writes adapter `name` as a peft folder, atomically (a crash never leaves a half-written one)."""
+    atomic_write_dir(folder, lambda tmp: peft_model.save_pretrained(tmp, selected_adapters=[name]),
+                     subfolder=name if name != "default" else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes and images
+
+
+def atomic_write_dir(folder, write, subfolder=None):
+    """Calls write(tmp_dir) and then moves the result into `folder` in one rename, so `folder` is
+    either the old complete version or the new complete one. `subfolder`: the part of tmp_dir to keep."""
+    folder = os.path.abspath(folder)
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    try:
+        write(tmp)
+        source = os.path.join(tmp, subfolder) if subfolder else tmp
+        old = None
+        if os.path.exists(folder):
+            old = tempfile.mkdtemp(dir=parent, prefix=".old-")
+            os.rename(folder, os.path.join(old, "previous"))
+        try:
+            os.rename(source, folder)
+        except OSError:
+            if old:
+                os.rename(os.path.join(old, "previous"), folder)
+            raise
+        if old:
+            shutil.rmtree(old)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to a temporary file, then an atomic rename over `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def image_grid(images, columns=8):
+    """A PIL grid of (B, 3, H, W) images in [0, 1] with a grey 1-px border."""
+    images = (images.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    rows = math.ceil(len(images) / columns)
+    h, w = images.shape[1:3]
+    grid = np.full((rows * (h + 2), columns * (w + 2), 3), 128, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = image
+    return Image.fromarray(grid)

@@ -1,0 +1,111 @@
+"""Evaluate a base model and any number of LoRA adapters on the same test prompts and seeds.
+
+    python eval.py --out results/eval                                        # the base alone
+    python eval.py --adapters teacher-geneval=runs/teacher-geneval/adapter,teacher-ocr=runs/teacher-ocr/adapter
+
+Deterministic ODE (noise 0) at the model's eval step count and guidance. Writes OUT/eval.json (one
+row per model: per-task scores, GenEval per-category accuracy), OUT/table.md and OUT/grid.png (one
+column per model, the same prompts and seeds in every column).
+"""
+import argparse
+import dataclasses
+import json
+import os
+
+import numpy as np
+import torch
+
+import common
+import toy
+
+COLUMNS = ("geneval_strict", "ocr", "quality")
+
+
+def parse_adapters(text):
+    """'name=path,name=path' -> [(name, path)]; a bare path is named by its folder."""
+    rows = []
+    for part in filter(None, (text or "").split(",")):
+        name, _, path = part.rpartition("=")
+        name = name or os.path.basename(os.path.normpath(os.path.dirname(path) if path.endswith("adapter") else path))
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"adapter folder {path!r} (for row {name!r}) does not exist; expected a peft "
+                                    f"folder with adapter_config.json and adapter_model.safetensors")
+        rows.append((name, path))
+    return rows
+
+
+def load_adapters(transformer, adapters):
+    """All adapters as named frozen adapters on ONE base (peft); returns the model to call."""
+    if not adapters:
+        return transformer
+    from peft import PeftModel
+    common.check_adapter_fits(transformer, adapters[0][1])
+    model = PeftModel.from_pretrained(transformer, adapters[0][1], adapter_name=adapters[0][0], is_trainable=False)
+    for name, path in adapters[1:]:
+        common.load_adapter(model, path, name)
+    return model
+
+
+def row_scores(scores, metas):
+    """Means per reward and GenEval accuracy per category, plus the average of the table's columns."""
+    row = {name: float(np.nanmean(values)) for name, values in scores.items()}
+    for tag in common.GENEVAL_TAGS:
+        mask = np.array([bool(m) and m.get("tag") == tag for m in metas])
+        if mask.any():
+            row[f"geneval/{tag}"] = float(scores["geneval_strict"][mask].mean())
+    row["average"] = float(np.mean([row[c] for c in COLUMNS if c in row and np.isfinite(row[c])]))
+    return row
+
+
+def markdown_table(rows):
+    head = "| model | GenEval (strict) | OCR | quality | average |\n|---|---|---|---|---|\n"
+    return head + "".join(f"| {r['model']} | " + " | ".join(f"{r.get(c, float('nan')):.3f}" for c in (*COLUMNS, "average"))
+                          + " |\n" for r in rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="miniature/base")  # base model folder or hub id
+    p.add_argument("--adapters", default="")  # name=peft_folder,...; a row "base" (no adapter) comes first
+    p.add_argument("--no-base-row", action="store_true")  # leave the base model's row out
+    p.add_argument("--test-prompts", default="dataset/geneval/test_metadata.jsonl,dataset/ocr/test.txt")  # files
+    p.add_argument("--steps", type=int, default=None)  # ODE steps (default: the model's; paper: 40)
+    p.add_argument("--guidance", type=float, default=None)  # CFG (default: the model's; paper: 4.5)
+    p.add_argument("--seed", type=int, default=0)  # prompt i uses seed + i in every row
+    p.add_argument("--grid-prompts", type=int, default=16)  # prompts shown in the grid (spread over the split)
+    p.add_argument("--out", default="results/eval")  # output folder
+    args = p.parse_args(argv)
+    adapters = parse_adapters(args.adapters)
+    files = args.test_prompts.split(",")
+    if args.test_prompts == p.get_default("test_prompts") and not all(os.path.isfile(f) for f in files):
+        toy.write_prompt_files("dataset")  # the miniature world's prompt files, made on first use
+    items = [item for f in files for item in common.load_prompts(f)]
+    prompts, metas = [p for p, _ in items], [m for _, m in items]
+    bundle = common.load_model(args.model)
+    steps = args.steps or bundle.defaults["eval_steps"]
+    guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
+    model = load_adapters(bundle.transformer, adapters)
+    runs = ([] if args.no_base_row else [("base", None)]) + adapters
+    rows, columns = [], []
+    shown = np.linspace(0, len(items) - 1, min(args.grid_prompts, len(items))).round().astype(int)
+    for name, path in runs:
+        with common.use_adapter(model, None if path is None else name) if adapters else torch.no_grad():
+            images = toy.sample_images(dataclasses.replace(bundle, transformer=model), prompts,
+                                       [args.seed + i for i in range(len(prompts))], steps, guidance)
+        rows.append({"model": name, "adapter": path, "steps": steps, "guidance_scale": guidance, "seed": args.seed,
+                     **row_scores(toy.score(images, prompts, metas), metas)})
+        columns.append(images[shown])
+        print(markdown_table(rows[-1:]).splitlines()[-1])
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(markdown_table(rows))
+    grid = torch.stack(columns, 1).flatten(0, 1)  # row = prompt, column = model
+    common.image_grid(grid, len(runs)).save(os.path.join(args.out, "grid.png"))
+    print(markdown_table(rows))
+    print(f"wrote {args.out}/eval.json, table.md and grid.png (columns: {', '.join(n for n, _ in runs)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""Stage 1: single-reward GRPO teachers (Flow-GRPO, METHOD.md M1-M2) and the GRPO-Mix baseline.
+
+    python stage1_grpo.py --reward geneval --out runs/teacher-geneval
+    python stage1_grpo.py --reward ocr --out runs/teacher-ocr
+    python stage1_grpo.py --reward quality --out runs/teacher-quality          # the MAR anchor
+    python stage1_grpo.py --reward geneval=0.5,ocr=0.5 --mix sum --out runs/grpo-mix
+
+Each epoch: M prompts x G SDE rollouts of the LoRA policy (M1), one reward per image, advantages
+with a per-prompt mean and a global std, then a PPO-clip update on every step but the last with a
+KL to the base model (the adapter disabled). Defaults train a miniature teacher in minutes on a
+2-core CPU; the paper's SD3.5-M settings are given next to each flag.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+import toy
+
+# ----------------------------------------------------------------------------------------------
+# Rewards and advantages (M2)
+
+
+def parse_rewards(text):
+    """'geneval' -> {'geneval': 1.0}; 'geneval=0.5,ocr=0.5' -> {'geneval': 0.5, 'ocr': 0.5}."""
+    weights = {}
+    for part in text.split(","):
+        name, _, weight = part.strip().partition("=")
+        if name not in toy.REWARDS:
+            raise ValueError(f"unknown reward {name!r} in --reward {text!r}; expected names from {list(toy.REWARDS)}")
+        try:
+            weights[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"reward weight {weight!r} of {name!r} in --reward {text!r} is not a number; "
+                             f"expected e.g. 'geneval=0.5,ocr=0.5'") from None
+        if not math.isfinite(weights[name]):
+            raise ValueError(f"reward weight of {name!r} in --reward {text!r} is not finite")
+    return weights
+
+
+def group_advantages(rewards, groups, eps=1e-4):
+    """A_i = (R_i - mean of R over i's prompt group) / (std of all rewards + eps)   (M2).
+    Returns (advantages, mask of groups with non-zero reward variance)."""
+    rewards, groups = np.asarray(rewards, np.float64), np.asarray(groups)
+    advantages, informative = np.zeros_like(rewards), np.zeros(len(rewards), bool)
+    std = rewards.std() + eps
+    for g in np.unique(groups):
+        member = groups == g
+        advantages[member] = (rewards[member] - rewards[member].mean()) / std
+        informative[member] = rewards[member].std() > 0
+    return advantages, informative
+
+
+def combine_rewards(scores, weights):
+    """The released GRPO-Mix rule: a weighted sum of rewards per image (a reward that does not apply
+    to a prompt, NaN, counts 0)."""
+    total = np.zeros(len(next(iter(scores.values()))))
+    for name, weight in weights.items():
+        total += weight * np.nan_to_num(scores[name], nan=0.0)
+    return total
+
+
+def mixed_advantages(scores, weights, groups):
+    """MixGRPO: each reward's group advantages computed on the samples it applies to, then summed."""
+    total, informative = np.zeros(len(groups)), np.zeros(len(groups), bool)
+    for name, weight in weights.items():
+        applies = ~np.isnan(scores[name])
+        if applies.any():
+            adv, info = group_advantages(scores[name][applies], np.asarray(groups)[applies])
+            total[applies] += weight * adv
+            informative[applies] |= info
+    return total, informative
+
+
+def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range):
+    """mean_i max(-A_i rho_i, -A_i clip(rho_i, 1-eps, 1+eps)), rho = exp(log pi - log pi_old)   (M2).
+    Returns (loss, ratio)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped).mean(), ratio
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling, scoring and the policy-gradient update
+
+
+def sample_epoch(policy, bundle, items, rewards, args, rng, seed):
+    """G on-policy SDE rollouts (M1) for each of M prompts, scored by `rewards`. Rollouts run in the
+    same chunks (and precision) as the update, so the first update recomputes the stored log-probs
+    bit for bit (ratio exactly 1)."""
+    picked = [items[rng.randrange(len(items))] for _ in range(args.prompts_per_epoch)]
+    prompts = [p for p, _ in picked for _ in range(args.group_size)]
+    metas = [m for _, m in picked for _ in range(args.group_size)]
+    embeds, pooled = bundle.encode(prompts)
+    sigmas = common.sampling_sigmas(bundle.scheduler, args.steps)
+    shape = bundle.latent_shape(args.resolution or bundle.resolution)
+    chunks = []
+    for start in range(0, len(prompts), args.train_batch_size):
+        part = slice(start, start + args.train_batch_size)
+        with torch.autocast(embeds.device.type, torch.bfloat16, enabled=args.bf16):
+            chunks.append(common.rollout(policy, embeds[part], pooled[part], shape, sigmas,
+                                         [seed + i for i in range(len(prompts))][part], args.noise_level,
+                                         args.guidance, args.negative, bundle.decode))
+    batch = {key: torch.cat([c[key] for c in chunks]) for key in ("states", "log_probs", "images")}
+    batch.update(sigmas=sigmas, prompts=prompts, metas=metas, embeds=embeds, pooled=pooled,
+                 groups=np.repeat(np.arange(len(picked)), args.group_size),
+                 scores=toy.score(batch["images"], prompts, metas, names=tuple(rewards)))
+    return batch
+
+
+def advantages_of(batch, rewards, mix):
+    """(per-trajectory reward, advantage, informative mask) under the reward mixing rule (M2)."""
+    if mix == "advantage":
+        advantages, informative = mixed_advantages(batch["scores"], rewards, batch["groups"])
+        return combine_rewards(batch["scores"], rewards), advantages, informative
+    reward = combine_rewards(batch["scores"], rewards)
+    return (reward, *group_advantages(reward, batch["groups"]))
+
+
+def policy_step_loss(policy, batch, idx, j, advantages, args):
+    """PPO-clip + beta KL(policy || base) at step j for trajectories idx (M2): (loss, kl, ratio)."""
+    sigmas, x, x_next = batch["sigmas"], batch["states"][idx, j], batch["states"][idx, j + 1]
+    embeds, pooled = batch["embeds"][idx], batch["pooled"][idx]
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.bf16):
+        v = common.velocity(policy, x, sigmas[j], embeds, pooled, args.guidance, args.negative)
+        with torch.no_grad(), common.use_adapter(policy, None):  # base = adapter disabled, no second model
+            v_base = common.velocity(policy, x, sigmas[j], embeds, pooled, args.guidance, args.negative)
+    _, log_prob, _, _ = common.sde_step(x, v, sigmas[j], sigmas[j + 1], sigmas[1], args.noise_level, x_next=x_next)
+    policy_loss, ratio = ppo_clip_loss(log_prob, batch["log_probs"][idx, j], advantages, args.clip_range)
+    kl = common.step_kl(v, v_base, sigmas[j], sigmas[j + 1], sigmas[1], args.noise_level, args.kl_weighting).mean()
+    return policy_loss + args.beta * kl, kl, ratio
+
+
+def train_on_epoch(policy, batch, advantages, informative, optimizer, args):
+    """One optimizer step per chunk of trajectories, gradients accumulated over its trained steps
+    (all but the last SDE step). Zero-variance groups are skipped. Returns the epoch's statistics."""
+    trained_steps = range(args.steps - 1)
+    stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_min": math.inf, "ratio_max": -math.inf, "updates": 0}
+    params = [p for p in policy.parameters() if p.requires_grad]
+    for start in range(0, len(advantages), args.train_batch_size):
+        idx = torch.arange(start, min(start + args.train_batch_size, len(advantages)))
+        idx = idx[torch.as_tensor(informative[idx.numpy()])]
+        if len(idx) == 0:
+            continue
+        adv = torch.as_tensor(advantages[idx.numpy()], dtype=torch.float32).clamp(-args.adv_clip, args.adv_clip)
+        optimizer.zero_grad(set_to_none=True)
+        for j in trained_steps:
+            loss, kl, ratio = policy_step_loss(policy, batch, idx, j, adv, args)
+            (loss / len(trained_steps)).backward()
+            stats["loss"] += loss.item() / len(trained_steps)
+            stats["kl"] += kl.item() / len(trained_steps)
+            stats["clip_frac"] += ((ratio - 1).abs() > args.clip_range).float().mean().item() / len(trained_steps)
+            stats["ratio_min"] = min(stats["ratio_min"], ratio.min().item())
+            stats["ratio_max"] = max(stats["ratio_max"], ratio.max().item())
+        if not math.isfinite(stats["loss"]):
+            optimizer.zero_grad(set_to_none=True)
+            return stats
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        stats["updates"] += 1
+    for key in ("loss", "kl", "clip_frac"):
+        stats[key] /= max(1, stats["updates"])
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA adapter, evaluation and checkpoints
+
+
+def update_ema(policy, decay):
+    """ema <- decay * ema + (1 - decay) * student, over the LoRA weights (the teacher we publish)."""
+    params = dict(policy.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            if ".ema." in name:
+                param.lerp_(params[name.replace(".ema.", ".student.")], 1 - decay)
+
+
+def lora_state(policy, adapter):
+    return {n: p.detach().clone() for n, p in policy.named_parameters() if f".{adapter}." in n}
+
+
+def save_checkpoint(folder, policy, optimizer, epoch, rng, log):
+    """Atomic: the student and EMA adapters (peft folders) plus optimizer, RNG states and epoch."""
+    def write(tmp):
+        policy.save_pretrained(tmp, selected_adapters=["student", "ema"])
+        torch.save({"student": lora_state(policy, "student"), "ema": lora_state(policy, "ema"),
+                    "optimizer": optimizer.state_dict(), "epoch": epoch, "log": log, "python_rng": rng.getstate(),
+                    "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()},
+                   os.path.join(tmp, "state.pt"))
+    common.atomic_write_dir(os.path.join(folder, "checkpoint"), write)
+
+
+def load_checkpoint(folder, policy, optimizer, rng):
+    state = torch.load(os.path.join(folder, "checkpoint", "state.pt"), weights_only=False)
+    params = dict(policy.named_parameters())
+    for name, value in state["student"].items():
+        if name not in params or params[name].shape != value.shape:
+            raise ValueError(f"checkpoint {folder}/checkpoint does not fit this model and LoRA: {name} "
+                             f"{tuple(value.shape)} vs {tuple(params[name].shape) if name in params else 'absent'}; "
+                             f"expected the same --model, --lora-rank and targets as the run that wrote it")
+    with torch.no_grad():
+        for name, value in {**state["student"], **state["ema"]}.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    rng.setstate(state["python_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    np.random.set_state(state["numpy_rng"])
+    return state["epoch"], state["log"]
+
+
+def evaluate_adapter(bundle, policy, adapter, items, args, out_png=None):
+    """Test-split scores of the policy with `adapter` active (deterministic ODE, the model's eval settings)."""
+    import dataclasses
+    with common.use_adapter(policy, adapter):
+        result, images = toy.evaluate(dataclasses.replace(bundle, transformer=policy), items,
+                                      args.eval_steps, args.eval_guidance)
+    if out_png:
+        common.image_grid(images[::max(1, len(images) // 32)][:32], 8).save(out_png)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def default_prompt_files(rewards, dataset):
+    """The train/test prompt files of the tasks the rewards judge (quality judges every prompt)."""
+    tasks = [t for t in ("geneval", "ocr") if t in rewards] or ["geneval", "ocr"]
+    files = {"geneval": ("geneval/train_metadata.jsonl", "geneval/test_metadata.jsonl"),
+             "ocr": ("ocr/train.txt", "ocr/test.txt")}
+    if not os.path.isdir(dataset) and dataset == "dataset":
+        toy.write_prompt_files(dataset)  # the miniature world's prompt files, made on first use
+    return ([os.path.join(dataset, files[t][0]) for t in tasks], [os.path.join(dataset, files[t][1]) for t in tasks])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="miniature/base")  # base model folder or hub id (paper: SD3.5-M)
+    p.add_argument("--reward", default="geneval")  # one reward = a teacher; name=w,name=w = GRPO-Mix
+    p.add_argument("--mix", choices=["sum", "advantage", "alternate"], default="sum")  # GRPO-Mix rule
+    p.add_argument("--train-prompts", default=None)  # comma-separated prompt files (default: by reward)
+    p.add_argument("--test-prompts", default=None)  # comma-separated prompt files (default: by reward)
+    p.add_argument("--dataset", default="dataset")  # folder of the default prompt files
+    p.add_argument("--out", required=True)  # run folder: log, grids, checkpoint, final adapter
+    p.add_argument("--epochs", type=int, default=20)  # sampling/training epochs
+    p.add_argument("--prompts-per-epoch", type=int, default=8)  # M (paper: 48 per GPU x 8 GPUs / G)
+    p.add_argument("--group-size", type=int, default=8)  # G rollouts per prompt (paper: 24)
+    p.add_argument("--steps", type=int, default=10)  # SDE steps per rollout (paper: 10)
+    p.add_argument("--noise-level", type=float, default=0.7)  # a of M1 (paper: 0.7)
+    p.add_argument("--guidance", type=float, default=None)  # CFG of rollouts and training (paper: 4.5)
+    p.add_argument("--resolution", type=int, default=None)  # pixels (default: the model's; paper: 512)
+    p.add_argument("--clip-range", type=float, default=1e-4)  # PPO epsilon, mean-over-dims units (paper: 1e-4)
+    p.add_argument("--adv-clip", type=float, default=5.0)  # advantage clamp (paper: 5)
+    p.add_argument("--beta", type=float, default=0.04)  # KL-to-base weight (paper: 0.04)
+    p.add_argument("--kl-weighting", choices=["paper", "code"], default="code")  # M3 units of beta
+    p.add_argument("--lr", type=float, default=3e-4)  # AdamW learning rate (paper: 3e-4)
+    p.add_argument("--lora-rank", type=int, default=32)  # LoRA rank (paper: 32)
+    p.add_argument("--lora-alpha", type=int, default=64)  # LoRA alpha (paper: 64)
+    p.add_argument("--train-batch-size", type=int, default=32)  # trajectories per backward chunk
+    p.add_argument("--max-grad-norm", type=float, default=1.0)  # gradient clipping (paper: 1.0)
+    p.add_argument("--ema", type=float, default=0.9)  # EMA decay of the published adapter, per epoch
+    p.add_argument("--eval-every", type=int, default=5)  # epochs between test evaluations + checkpoints
+    p.add_argument("--eval-steps", type=int, default=None)  # ODE steps at eval (default: the model's; paper: 40)
+    p.add_argument("--eval-guidance", type=float, default=None)  # CFG at eval (default: the model's; paper 4.5)
+    p.add_argument("--max-bad-epochs", type=int, default=3)  # consecutive non-finite epochs before stopping
+    p.add_argument("--no-bf16", dest="bf16", action="store_false")  # fp32 instead of bf16 autocast
+    p.add_argument("--seed", type=int, default=0)  # prompts, noise
+    p.add_argument("--resume", action="store_true")  # continue from OUT/checkpoint
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.rewards = parse_rewards(args.reward)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    bundle = common.load_model(args.model)
+    args.guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
+    args.eval_guidance = args.eval_guidance if args.eval_guidance is not None else bundle.defaults["guidance_scale"]
+    args.eval_steps = args.eval_steps or bundle.defaults["eval_steps"]
+    args.negative = bundle.encode([""]) if args.guidance != 1 else None
+    train_files, test_files = default_prompt_files(args.rewards, args.dataset)
+    train_files = args.train_prompts.split(",") if args.train_prompts else train_files
+    test_files = args.test_prompts.split(",") if args.test_prompts else test_files
+    train_items = [item for f in train_files for item in common.load_prompts(f)]
+    test_items = [item for f in test_files for item in common.load_prompts(f)]
+
+    policy = common.add_lora(bundle.transformer, args.lora_rank, args.lora_alpha)
+    policy.add_adapter("ema", policy.peft_config["student"])
+    with torch.no_grad():
+        for name, param in lora_state(policy, "student").items():
+            dict(policy.named_parameters())[name.replace(".student.", ".ema.")].copy_(param)
+    common.freeze_all_but(policy, "student")
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
+    os.makedirs(args.out, exist_ok=True)
+    epoch, log = 0, []
+    if args.resume and os.path.isdir(os.path.join(args.out, "checkpoint")):
+        epoch, log = load_checkpoint(args.out, policy, optimizer, rng)
+        print(f"resumed from {args.out}/checkpoint at epoch {epoch}")
+    if epoch == 0:
+        log.append({"epoch": 0, "eval": evaluate_adapter(bundle, policy, "ema", test_items, args)})
+    bad_epochs = 0
+    for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage1"):
+        start = time.time()
+        rewards, items = args.rewards, train_items
+        if args.mix == "alternate" and len(args.rewards) > 1:  # the released per-epoch task schedule
+            task = list(args.rewards)[(epoch - 1) % len(args.rewards)]
+            rewards = {task: 1.0}
+            items = [it for it in train_items if common.route(it[0], it[1], {"geneval", "ocr"}) == task] or train_items
+        batch = sample_epoch(policy, bundle, items, rewards, args, rng, seed=args.seed * 100003 + epoch * 1009)
+        reward, advantages, informative = advantages_of(batch, rewards, args.mix)
+        stats = train_on_epoch(policy, batch, advantages, informative, optimizer, args) \
+            if np.isfinite(advantages).all() else None
+        finite = stats is not None and math.isfinite(stats["loss"])
+        bad_epochs = 0 if finite else bad_epochs + 1
+        if finite:
+            update_ema(policy, args.ema)
+        groups = batch["groups"]
+        record = {"epoch": epoch, "reward_mean": float(np.nanmean(reward)), "reward_std": float(np.nanstd(reward)),
+                  **{f"reward_{n}": float(np.nanmean(v)) for n, v in batch["scores"].items()},
+                  "skipped_groups": int(len(set(groups)) - len(set(groups[informative]))),
+                  "seconds": time.time() - start, **(stats or {}), "skipped_update": not finite}
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            record["eval"] = evaluate_adapter(bundle, policy, "ema", test_items, args,
+                                              os.path.join(args.out, f"samples_epoch{epoch:04d}.png"))
+        log.append(record)
+        tqdm.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}))
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if bad_epochs >= args.max_bad_epochs:
+            raise SystemExit(f"stopping: {bad_epochs} epochs in a row had a non-finite loss or reward; the last "
+                             f"good checkpoint is {args.out}/checkpoint")
+        if finite and (epoch % args.eval_every == 0 or epoch == args.epochs):
+            save_checkpoint(args.out, policy, optimizer, epoch, rng, log)
+    common.save_adapter(policy, "ema", os.path.join(args.out, "adapter"))
+    print(f"wrote {args.out}/adapter (the EMA teacher, peft format)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHIPPED_BASE = os.path.join(ROOT, "miniature", "base")
+
+import toy  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A randomly initialised miniature model (small width), saved as a model folder."""
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    transformer, text_encoder, tokenizer, scheduler = toy.build_model(width=64, depth=2, head_dim=32, text_width=64)
+    toy.save_model(str(folder), transformer, text_encoder, tokenizer, scheduler)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_model_dir):
+    import common
+    return common.load_model(tiny_model_dir)
+
+
+@pytest.fixture
+def rng():
+    torch.manual_seed(0)
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny diffusers StableDiffusion3Pipeline folder in the real layout (two CLIP encoders with a
+    local tokenizer, T5 absent, a tiny VAE), standing in for SD3.5-Medium."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("sd3") / "pipeline"
+    tokenizer = toy.build_tokenizer()
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=toy.MAX_TOKENS, projection_dim=16, eos_token_id=3))
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        layers_per_block=1, norm_num_groups=4, sample_size=16, scaling_factor=1.5, shift_factor=0.06)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=clip(), tokenizer=tokenizer, text_encoder_2=clip(),
+                                    tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(str(folder))
+    return str(folder)

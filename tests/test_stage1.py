@@ -1,0 +1,145 @@
+"""Stage 1 (Flow-GRPO, M2): advantages, the PPO-clip loss, one tiny epoch, resume, bad input."""
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import stage1_grpo as stage1
+
+
+def test_group_advantages_per_prompt_mean_global_std():
+    rewards = [1.0, 2.0, 3.0, 5.0, 5.0, 5.0]
+    advantages, informative = stage1.group_advantages(rewards, [0, 0, 0, 1, 1, 1])
+    std = np.std(rewards) + 1e-4
+    np.testing.assert_allclose(advantages, [-1 / std, 0, 1 / std, 0, 0, 0])
+    assert informative.tolist() == [True, True, True, False, False, False]
+
+
+def test_ppo_clip_loss_on_hand_made_numbers():
+    old = torch.zeros(4)
+    log_prob = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5]))
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss, ratio = stage1.ppo_clip_loss(log_prob, old, advantages, clip_range=0.2)
+    # max(-A r, -A clip(r)): -1.2 (capped gain), 1.5 (full penalty), -0.5, 0.8
+    assert loss.item() == pytest.approx((-1.2 + 1.5 - 0.5 + 0.8) / 4)
+    torch.testing.assert_close(ratio, torch.tensor([1.5, 1.5, 0.5, 0.5]))
+
+
+def test_mixing_rules():
+    scores = {"geneval": np.array([1.0, 0.0, np.nan, np.nan]), "ocr": np.array([np.nan, np.nan, 1.0, 0.5])}
+    weights = {"geneval": 0.5, "ocr": 0.5}
+    np.testing.assert_allclose(stage1.combine_rewards(scores, weights), [0.5, 0.0, 0.5, 0.25])
+    advantages, informative = stage1.mixed_advantages(scores, weights, [0, 0, 1, 1])
+    assert advantages[0] > 0 > advantages[1] and advantages[2] > 0 > advantages[3] and informative.all()
+
+
+def test_parse_rewards_and_its_errors():
+    assert stage1.parse_rewards("geneval") == {"geneval": 1.0}
+    assert stage1.parse_rewards("geneval=0.5,ocr=0.5") == {"geneval": 0.5, "ocr": 0.5}
+    with pytest.raises(ValueError, match="unknown reward 'aesthetic'"):
+        stage1.parse_rewards("aesthetic")
+    with pytest.raises(ValueError, match="weight 'half' of 'ocr'.*not a number"):
+        stage1.parse_rewards("geneval=0.5,ocr=half")
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prompts")
+    train, test = folder / "train_metadata.jsonl", folder / "test_metadata.jsonl"
+    import toy
+    items = toy.all_geneval_items("colors") + toy.all_geneval_items("counting")
+    random.Random(0).shuffle(items)
+    train.write_text("".join(json.dumps(m) + "\n" for m in items[:12]))
+    test.write_text("".join(json.dumps(m) + "\n" for m in items[12:16]))
+    return str(train), str(test)
+
+
+def tiny_args(model_dir, prompt_files, out, *extra):
+    return ["--model", model_dir, "--reward", "geneval", "--train-prompts", prompt_files[0],
+            "--test-prompts", prompt_files[1], "--out", str(out), "--prompts-per-epoch", "2", "--group-size", "4",
+            "--steps", "3", "--train-batch-size", "4", "--eval-steps", "2", "--lora-rank", "4", "--lora-alpha", "8",
+            "--eval-every", "1", "--lr", "1e-2", *extra]
+
+
+def test_one_tiny_epoch_changes_only_lora_weights_and_starts_at_ratio_one(tiny_model_dir, prompt_files, tmp_path):
+    args = stage1.parse_args(tiny_args(tiny_model_dir, prompt_files, tmp_path))
+    args.rewards = stage1.parse_rewards(args.reward)
+    bundle = common.load_model(args.model)
+    args.guidance, args.eval_guidance, args.eval_steps = 4.5, 4.5, 2
+    args.negative = bundle.encode([""])
+    base = {n: p.detach().clone() for n, p in bundle.transformer.named_parameters()}
+    policy = common.add_lora(bundle.transformer, 4, 8)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)  # a non-trivial policy
+    lora_before = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
+    items = common.load_prompts(prompt_files[0])
+    batch = stage1.sample_epoch(policy, bundle, items, args.rewards, args, random.Random(0), seed=0)
+    reward, advantages, informative = stage1.advantages_of(batch, args.rewards, "sum")
+    assert batch["states"].shape[:2] == (8, 4) and batch["log_probs"].shape == (8, 3)
+    # the first update recomputes the stored log-probs exactly: ratio == 1 bit for bit
+    for j in range(2):
+        _, _, ratio = stage1.policy_step_loss(policy, batch, torch.arange(4), j, torch.ones(4), args)
+        assert torch.equal(ratio, torch.ones(4)), j
+    informative[:] = True  # a random model may give a zero-variance group; train on everything here
+    advantages = np.where(advantages == 0, 1.0, advantages)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    stats = stage1.train_on_epoch(policy, batch, advantages, informative, optimizer, args)
+    assert stats["updates"] == 2 and math.isfinite(stats["loss"])
+    assert stats["ratio_min"] != 1 or stats["ratio_max"] != 1  # the second chunk is off-policy
+    changed = {n for n, p in policy.named_parameters() if "lora_" in n and not torch.equal(p, lora_before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    for n, p in policy.get_base_model().named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n.replace(".base_layer", "")]), n
+
+
+def test_resume_reproduces_the_next_epoch(tiny_model_dir, prompt_files, tmp_path):
+    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "full", "--epochs", "2"))
+    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "part", "--epochs", "1"))
+    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "part", "--epochs", "2", "--resume"))
+    full = [json.loads(line) for line in open(tmp_path / "full" / "log.jsonl")]
+    part = [json.loads(line) for line in open(tmp_path / "part" / "log.jsonl")]
+    assert [r["epoch"] for r in part] == [1, 2]
+    for key in ("reward_mean", "loss", "kl", "ratio_min", "ratio_max", "eval"):
+        assert part[1].get(key) == full[1].get(key), key
+    assert os.path.isfile(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    assert os.path.isfile(tmp_path / "full" / "samples_epoch0002.png")
+
+
+def test_bad_input_is_a_clear_error(tiny_model_dir, prompt_files, tmp_path):
+    with pytest.raises(ValueError, match="unknown reward 'aesthetic'"):
+        stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--reward", "aesthetic"))
+    with pytest.raises(ValueError, match="not a number"):
+        stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--reward", "geneval=x"))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--train-prompts", str(tmp_path / "missing.jsonl")))
+
+
+def test_eval_puts_base_and_adapters_in_one_table(tiny_model_dir, prompt_files, tmp_path):
+    import eval as evaluate
+    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "run", "--epochs", "1"))
+    adapter = str(tmp_path / "run" / "adapter")
+    evaluate.main(["--model", tiny_model_dir, "--adapters", f"a={adapter},b={adapter}", "--test-prompts",
+                   prompt_files[1], "--steps", "2", "--out", str(tmp_path / "eval")])
+    rows = json.load(open(tmp_path / "eval" / "eval.json"))
+    assert [r["model"] for r in rows] == ["base", "a", "b"] and rows[0]["adapter"] is None
+    for key in ("geneval_strict", "geneval", "quality", "average", "geneval/colors"):
+        assert rows[1][key] == rows[2][key], key  # the same adapter, prompts and seeds give the same row
+    assert "| a |" in open(tmp_path / "eval" / "table.md").read()
+    assert os.path.isfile(tmp_path / "eval" / "grid.png")
+    with pytest.raises(FileNotFoundError, match="adapter folder .*nope"):
+        evaluate.main(["--model", tiny_model_dir, "--adapters", f"x={tmp_path / 'nope'}", "--out", str(tmp_path)])
+
+
+def test_resume_from_a_checkpoint_of_another_lora_is_a_clear_error(tiny_model_dir, prompt_files, tmp_path):
+    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "run", "--epochs", "1"))
+    with pytest.raises(ValueError, match="does not fit this model and LoRA"):
+        stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "run", "--epochs", "2", "--resume",
+                              "--lora-rank", "8"))

@@ -1,0 +1,146 @@
+"""The miniature world: prompt files, renderer, scorers, router, tokenizer."""
+import json
+import random
+
+import numpy as np
+import pytest
+
+import common
+import toy
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return toy.test_items()
+
+
+def renders(items, seed=0):
+    rng = random.Random(seed)
+    return [toy.render(p, m, rng) for p, m in items]
+
+
+def test_ground_truth_renders_score_high_on_geneval_and_ocr(test_split):
+    items = test_split * 2
+    images = renders(items)
+    scores = toy.score(images, [p for p, _ in items], [m for _, m in items])
+    geneval = ~np.isnan(scores["geneval"])
+    assert geneval.sum() == 192 and np.isnan(scores["geneval"][~geneval]).all()
+    assert scores["geneval_strict"][geneval].mean() >= 0.95
+    assert scores["geneval"][geneval].mean() >= 0.95
+    assert np.nanmean(scores["ocr"]) >= 0.95
+    assert scores["quality"].mean() >= 0.85
+
+
+def _score_as(rendered_prompt, scored_prompt, seed=0):
+    """The scores of a correct render of one prompt when it is judged as another."""
+    rng = random.Random(seed)
+    images = [toy.render(rendered_prompt, None, rng) for _ in range(8)]
+    return toy.score(images, [scored_prompt] * 8)
+
+
+@pytest.mark.parametrize("rendered, asked", [
+    ("a photo of two circles", "a photo of three circles"),            # wrong count
+    ("a photo of four squares", "a photo of two squares"),             # too many
+    ("a photo of a red triangle", "a photo of a blue triangle"),       # wrong colour
+    ("a photo of a circle left of a square", "a photo of a circle right of a square"),  # wrong position
+    ("a photo of a square above a triangle", "a photo of a square below a triangle"),
+    ("a photo of a green circle and a yellow square", "a photo of a yellow circle and a green square"),
+    ("a photo of a circle", "a photo of a triangle"),                  # wrong object
+])
+def test_wrong_renders_fail_geneval(rendered, asked):
+    scores = _score_as(rendered, asked)
+    assert scores["geneval_strict"].mean() == 0
+    assert scores["geneval"].mean() <= 0.75
+    assert _score_as(asked, asked)["geneval_strict"].mean() == 1
+
+
+def test_wrong_text_scores_low_on_ocr():
+    assert _score_as('a sign that says "KX"', 'a sign that says "PE"')["ocr"].mean() <= 0.1
+    partly = _score_as('a sign that says "KXA"', 'a sign that says "KXB"')["ocr"].mean()
+    assert 0.5 <= partly <= 0.7  # one of three characters wrong
+
+
+def test_ocr_reward_formula():
+    assert toy.ocr_reward("hello K7 there", 'a sign that says "k 7"') == 1.0  # substring, case/space-free
+    assert toy.ocr_reward("K8", 'a sign that says "K7"') == 0.5
+    assert toy.ocr_reward("", 'a sign that says "K7X"') == 0.0
+    assert toy.ocr_reward("ABCDEFG", 'a sign that says "X"') == 0.0  # distance capped at len(target)
+
+
+def test_quality_prefers_clean_scenes_to_noise_blur_and_blank():
+    image = np.asarray(toy.render("a photo of a red circle and a blue square", None, random.Random(0)))
+    noisy = np.clip(image + np.random.default_rng(0).normal(0, 40, image.shape), 0, 255).astype(np.uint8)
+    muddy = (0.5 * image + 0.5 * 128).astype(np.uint8)
+    blank = np.full_like(image, 255)
+    clean, noise, mud, empty = toy.score(np.stack([image, noisy, muddy, blank]), ["a photo of a circle"] * 4,
+                                         names=("quality",))["quality"]
+    assert clean > 0.9 and noise < 0.7 * clean and mud < 0.5 * clean and empty == 0
+
+
+def test_score_rejects_unknown_reward_and_length_mismatch():
+    images = np.zeros((2, 64, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match="unknown reward 'aesthetic'"):
+        toy.score(images, ["a", "b"], names=("aesthetic",))
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        toy.score(images, ["a"])
+
+
+def test_router_on_a_mixed_list():
+    items = [("a photo of two circles", {"tag": "counting"}), ('a sign that says "K7"', None),
+             ("a photo of a red square", None), ('a photo of a cat holding a sign that says "hi"', None),
+             ('a banner "X"', {"tag": "position"}), ("anything", {"task": "ocr"})]
+    assert [common.route(p, m, {"geneval", "ocr"}) for p, m in items] == \
+        ["geneval", "ocr", "geneval", "ocr", "geneval", "ocr"]
+    with pytest.raises(ValueError, match="routes to task 'ocr'.*teachers are \\['geneval'\\]"):
+        common.route('a sign that says "K7"', None, {"geneval"})
+
+
+def test_prompt_files_are_deterministic_and_hold_out_test_compositions(tmp_path):
+    paths = toy.write_prompt_files(str(tmp_path / "a"))
+    again = toy.write_prompt_files(str(tmp_path / "b"))
+    for key in paths:
+        assert open(paths[key]).read() == open(again[key]).read()
+    train = common.load_prompts(paths["geneval_train"])
+    test = common.load_prompts(paths["geneval_test"])
+    assert len(test) == 96 and {m["tag"] for _, m in test} == set(toy.GENEVAL_TAGS)
+    assert all(set(m) >= {"tag", "include", "prompt"} for _, m in train + test)
+    train_prompts = {p for p, _ in train}
+    for tag in ("colors", "position", "color_attr"):
+        assert not {p for p, m in test if m["tag"] == tag} & train_prompts, tag
+    ocr_train = {p for p, _ in common.load_prompts(paths["ocr_train"])}
+    ocr_test = [p for p, _ in common.load_prompts(paths["ocr_test"])]
+    assert len(ocr_test) == 64 and not set(ocr_test) & ocr_train
+    assert all(common.route(p, None, {"geneval", "ocr"}) == "ocr" for p in ocr_test)
+    held = toy.held_out_prompts()
+    rng = random.Random(0)
+    for _ in range(20):
+        prompts, images = toy.pretraining_batch(rng, 16, held)
+        assert not set(prompts) & held and images.shape == (16, 64, 64, 3)
+
+
+def test_malformed_or_missing_prompt_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad_metadata.jsonl"
+    bad.write_text(json.dumps({"prompt": "a photo of a circle", "tag": "single_object"}) + "\n{not json\n")
+    with pytest.raises(ValueError, match="bad_metadata.jsonl:2: not valid JSON"):
+        common.load_prompts(str(bad))
+    bad.write_text(json.dumps({"tag": "single_object"}) + "\n")
+    with pytest.raises(ValueError, match="bad_metadata.jsonl:1: expected a JSON object with a string \"prompt\""):
+        common.load_prompts(str(bad))
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        common.load_prompts(str(tmp_path / "nope.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        common.load_prompts(str(empty))
+
+
+def test_tokenizer_covers_every_prompt_in_at_most_16_tokens():
+    tokenizer = toy.build_tokenizer()
+    unk = tokenizer.convert_tokens_to_ids("[UNK]")
+    prompts = [m["prompt"] for tag in toy.GENEVAL_TAGS for m in toy.all_geneval_items(tag)]
+    prompts += [toy.ocr_prompt("K7X"), toy.ocr_prompt("A"), ""]
+    for prompt in prompts:
+        ids = tokenizer(prompt).input_ids
+        assert len(ids) <= toy.MAX_TOKENS and unk not in ids, prompt
+    assert tokenizer.convert_ids_to_tokens(tokenizer(toy.ocr_prompt("K7X")).input_ids)[-6:] == \
+        ['"', "K", "7", "X", '"', "[EOS]"]

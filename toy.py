@@ -688,7 +688,7 @@ tokens, with a tiny CLIP text encoder (16 tokens, local word-level tokenizer). P
 with the rectified-flow loss (shifted logit-normal timesteps, caption dropout {args.caption_dropout},
 bf16 autocast, EMA {args.ema}) on renders of the miniature world. Weights stored in bf16.
 
-Reproduce (2-core CPU, wall time {log[-1]['minutes']:.1f} min of training steps plus evaluations):
+Reproduce (2-core CPU, {log[-1]['minutes']:.1f} min of training steps, evaluations excluded):
 
     python toy.py pretrain {flags}
 

@@ -47,12 +47,8 @@ def load_adapters(transformer, adapters):
 
 
 def row_scores(scores, metas):
-    """Means per reward and GenEval accuracy per category, plus the average of the table's columns."""
-    row = {name: float(np.nanmean(values)) for name, values in scores.items()}
-    for tag in common.GENEVAL_TAGS:
-        mask = np.array([bool(m) and m.get("tag") == tag for m in metas])
-        if mask.any():
-            row[f"geneval/{tag}"] = float(scores["geneval_strict"][mask].mean())
+    """toy.summarize plus the average of the table's columns."""
+    row = toy.summarize(scores, metas)
     row["average"] = float(np.mean([row[c] for c in COLUMNS if c in row and np.isfinite(row[c])]))
     return row
 

@@ -533,13 +533,18 @@ def evaluate(bundle, items, num_steps, guidance_scale, seed=0):
     "geneval/<tag>"...} means, and the images. Seeds are seed + index, so every model sees the same noise."""
     prompts, metas = [p for p, _ in items], [m for _, m in items]
     images = sample_images(bundle, prompts, [seed + i for i in range(len(prompts))], num_steps, guidance_scale)
-    scores = score(images, prompts, metas)
-    result = {name: float(np.nanmean(values)) for name, values in scores.items()}
+    return summarize(score(images, prompts, metas), metas), images
+
+
+def summarize(scores, metas):
+    """Mean of each reward over the prompts it applies to, and GenEval strict accuracy per tag."""
+    result = {name: float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+              for name, values in scores.items()}
     for tag in GENEVAL_TAGS:
         mask = np.array([bool(m) and m.get("tag") == tag for m in metas])
         if mask.any():
             result[f"geneval/{tag}"] = float(scores["geneval_strict"][mask].mean())
-    return result, images
+    return result
 
 
 def shift_sigmas(sigma, shift):

@@ -164,6 +164,9 @@ def velocity(model, x, sigma, embeds, pooled, guidance_scale=1.0, negative=None,
     call when w == 1. `negative` is (embeds, pooled) of the empty prompt, batch 1 or B. `sigma` is a
     float or a (B,) tensor; the model is fed timestep = 1000 sigma."""
     batch = x.shape[0]
+    names = model_kwargs.get("adapter_names")
+    if names is not None and len(names) != batch:  # peft would raise AND leave its hooks attached
+        raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch}; expected one per sample")
     timestep = (torch.as_tensor(sigma, dtype=torch.float32, device=x.device) * 1000).expand(batch)
     if guidance_scale == 1.0:
         return model(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
@@ -268,6 +271,22 @@ def rollout(model, embeds, pooled, latent_shape, sigmas, seeds, noise_level=0.7,
             "images": decode(x) if decode is not None else None}
 
 
+def rollout_chunks(model, embeds, pooled, latent_shape, sigmas, seeds, chunk_size, noise_level=0.7,
+                   guidance_scale=1.0, negative=None, decode=None, bf16=True):
+    """rollout() over chunks of `chunk_size` samples under bf16 autocast: the same chunks and precision
+    as the policy update that follows, so that it recomputes the stored log-probs bit for bit (the
+    first PPO ratio is exactly 1). Returns rollout()'s dict for the whole batch."""
+    chunks = []
+    for start in range(0, len(seeds), chunk_size):
+        part = slice(start, start + chunk_size)
+        with torch.autocast(embeds.device.type, torch.bfloat16, enabled=bf16):
+            chunks.append(rollout(model, embeds[part], pooled[part], latent_shape, sigmas, seeds[part],
+                                  noise_level, guidance_scale, negative, decode))
+    out = {key: torch.cat([c[key] for c in chunks]) for key in ("states", "log_probs", "images")
+           if chunks[0][key] is not None}
+    return {"images": None, "log_probs": None, **out, "sigmas": sigmas}
+
+
 # ----------------------------------------------------------------------------------------------
 # Prompts and the hard router R(c) (METHOD.md §4)
 
@@ -369,6 +388,41 @@ def check_adapter_fits(peft_model, folder):
                                  f"but the base has {found}; expected an adapter trained on this base")
 
 
+def parse_teachers(text):
+    """'geneval=PATH,ocr=PATH' -> {'geneval': PATH, 'ocr': PATH}, each a peft folder that exists."""
+    teachers = {}
+    for part in filter(None, text.split(",")):
+        task, sep, path = part.partition("=")
+        if not sep or not task or not path:
+            raise ValueError(f"cannot parse {part!r} in --teachers {text!r}; expected task=peft_folder,task=peft_folder")
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise FileNotFoundError(f"teacher {task!r}: adapter folder {path!r} has no adapter_config.json; expected a "
+                                    f"peft folder such as runs/teacher-{task}/adapter")
+        teachers[task] = path
+    if not teachers:
+        raise ValueError("--teachers is empty; expected task=peft_folder,...")
+    return teachers
+
+
+def adapter_layout(folder):
+    """(rank, alpha, sorted target modules) of a peft adapter folder."""
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        config = json.load(f)
+    targets = config["target_modules"]
+    return config["r"], config["lora_alpha"], sorted([targets] if isinstance(targets, str) else targets)
+
+
+def check_same_layout(adapters):
+    """All adapters {name: folder} have one rank, alpha and target set (as Flow-GRPO's teachers do);
+    a mismatch usually means a wrong folder, and breaks the `ab` rule."""
+    layouts = {name: adapter_layout(folder) for name, folder in adapters.items()}
+    first = next(iter(layouts))
+    for name, layout in layouts.items():
+        if layout != layouts[first]:
+            raise ValueError(f"adapter {name!r} ({adapters[name]}) has rank/alpha/targets {layout}, but {first!r} "
+                             f"({adapters[first]}) has {layouts[first]}; expected teachers of one LoRA layout")
+
+
 def freeze_all_but(peft_model, trainable):
     """Only adapter `trainable`'s LoRA weights require grad (peft's set_adapter unfreezes the one it
     activates, which would make a teacher trainable)."""
@@ -400,6 +454,92 @@ def save_adapter(peft_model, name, folder):
     """Writes adapter `name` as a peft folder, atomically (a crash never leaves a half-written one)."""
     atomic_write_dir(folder, lambda tmp: peft_model.save_pretrained(tmp, selected_adapters=[name]),
                      subfolder=name if name != "default" else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state shared by the stages: the student, its EMA, checkpoints, the flow-matching loss
+
+
+def make_policy(transformer, rank=32, alpha=64, init=None):
+    """A PeftModel with the trainable adapter "student" (a fresh LoRA, or the peft folder `init`,
+    e.g. a Stage 2 cold start) and "ema", its moving average (what is evaluated and published)."""
+    if init:
+        from peft import PeftModel
+        if not os.path.isfile(os.path.join(str(init), "adapter_config.json")):
+            raise FileNotFoundError(f"initial adapter folder {str(init)!r} has no adapter_config.json; expected a "
+                                    f"peft folder (e.g. a stage2_coldstart.py output)")
+        check_adapter_fits(transformer, init)
+        policy = PeftModel.from_pretrained(transformer, str(init), adapter_name="student", is_trainable=True)
+    else:
+        policy = add_lora(transformer, rank, alpha)
+    policy.add_adapter("ema", policy.peft_config["student"])
+    params = dict(policy.named_parameters())
+    with torch.no_grad():
+        for name, value in lora_state(policy, "student").items():
+            params[name.replace(".student.", ".ema.")].copy_(value)
+    freeze_all_but(policy, "student")
+    return policy.eval()  # no dropout anywhere; and peft's mixed-adapter batches run in eval mode only
+
+
+def lora_state(policy, adapter):
+    """{parameter name: detached copy} of one adapter's LoRA weights."""
+    return {n: p.detach().clone() for n, p in policy.named_parameters() if f".{adapter}." in n}
+
+
+def update_ema(policy, decay):
+    """ema <- decay * ema + (1 - decay) * student, over the LoRA weights."""
+    params = dict(policy.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            if ".ema." in name:
+                param.lerp_(params[name.replace(".ema.", ".student.")], 1 - decay)
+
+
+def save_checkpoint(folder, policy, optimizer, epoch, rng, log):
+    """Atomic OUT/checkpoint: the student and EMA adapters (peft folders), optimizer, RNG states, epoch, log."""
+    def write(tmp):
+        policy.save_pretrained(tmp, selected_adapters=["student", "ema"])
+        torch.save({"student": lora_state(policy, "student"), "ema": lora_state(policy, "ema"),
+                    "optimizer": optimizer.state_dict(), "epoch": epoch, "log": log, "python_rng": rng.getstate(),
+                    "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()},
+                   os.path.join(tmp, "state.pt"))
+    atomic_write_dir(os.path.join(folder, "checkpoint"), write)
+
+
+def load_checkpoint(folder, policy, optimizer, rng):
+    """Restores what save_checkpoint wrote; returns (epoch, log). A clear error if it was written for
+    another model or LoRA shape."""
+    state = torch.load(os.path.join(folder, "checkpoint", "state.pt"), weights_only=False)
+    params = dict(policy.named_parameters())
+    for name, value in state["student"].items():
+        if name not in params or params[name].shape != value.shape:
+            raise ValueError(f"checkpoint {folder}/checkpoint does not fit this model and LoRA: {name} "
+                             f"{tuple(value.shape)} vs {tuple(params[name].shape) if name in params else 'absent'}; "
+                             f"expected the same --model, LoRA rank and targets as the run that wrote it")
+    with torch.no_grad():
+        for name, value in {**state["student"], **state["ema"]}.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    rng.setstate(state["python_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    np.random.set_state(state["numpy_rng"])
+    return state["epoch"], state["log"]
+
+
+def shift_sigmas(sigma, shift):
+    """The SD3 time shift sigma' = shift sigma / (1 + (shift - 1) sigma), as the scheduler applies it."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def flow_matching_loss(model, x0, embeds, pooled, shift=3.0, bf16=True):
+    """Rectified-flow loss || v(x_sigma, sigma, c) - (eps - x0) ||^2 at x_sigma = (1 - sigma) x0 + sigma eps,
+    sigma logit-normal(0, 1) then time-shifted like the sampler (METHOD.md §0, M6's SFT)."""
+    sigma = shift_sigmas(torch.sigmoid(torch.randn(len(x0), device=x0.device)), shift)
+    noise = torch.randn_like(x0)
+    x_sigma = _as_batch(1 - sigma, x0) * x0 + _as_batch(sigma, x0) * noise
+    with torch.autocast(x0.device.type, torch.bfloat16, enabled=bf16):
+        v = velocity(model, x_sigma, sigma, embeds, pooled)
+    return ((v.float() - (noise - x0)) ** 2).mean()
 
 
 # ----------------------------------------------------------------------------------------------

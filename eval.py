@@ -46,6 +46,16 @@ def load_adapters(transformer, adapters):
     return model
 
 
+def evaluate_policy(bundle, policy, adapter, items, steps, guidance, out_png=None):
+    """Test scores of `policy` (a PeftModel) with `adapter` active: the stages' periodic evaluation.
+    Deterministic ODE; prompt i uses seed i, as in the table. Optionally writes a sample grid."""
+    with common.use_adapter(policy, adapter):
+        result, images = toy.evaluate(dataclasses.replace(bundle, transformer=policy), items, steps, guidance)
+    if out_png:
+        common.image_grid(images[::max(1, len(images) // 32)][:32], 8).save(out_png)
+    return result
+
+
 def row_scores(scores, metas):
     """toy.summarize plus the average of the table's columns."""
     row = toy.summarize(scores, metas)

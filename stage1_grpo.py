@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import eval as evaluation
 import toy
 
 # ----------------------------------------------------------------------------------------------
@@ -93,24 +94,17 @@ def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range):
 
 
 def sample_epoch(policy, bundle, items, rewards, args, rng, seed):
-    """G on-policy SDE rollouts (M1) for each of M prompts, scored by `rewards`. Rollouts run in the
-    same chunks (and precision) as the update, so the first update recomputes the stored log-probs
-    bit for bit (ratio exactly 1)."""
+    """G on-policy SDE rollouts (M1) for each of M prompts, scored by `rewards`."""
     picked = [items[rng.randrange(len(items))] for _ in range(args.prompts_per_epoch)]
     prompts = [p for p, _ in picked for _ in range(args.group_size)]
     metas = [m for _, m in picked for _ in range(args.group_size)]
     embeds, pooled = bundle.encode(prompts)
     sigmas = common.sampling_sigmas(bundle.scheduler, args.steps)
     shape = bundle.latent_shape(args.resolution or bundle.resolution)
-    chunks = []
-    for start in range(0, len(prompts), args.train_batch_size):
-        part = slice(start, start + args.train_batch_size)
-        with torch.autocast(embeds.device.type, torch.bfloat16, enabled=args.bf16):
-            chunks.append(common.rollout(policy, embeds[part], pooled[part], shape, sigmas,
-                                         [seed + i for i in range(len(prompts))][part], args.noise_level,
-                                         args.guidance, args.negative, bundle.decode))
-    batch = {key: torch.cat([c[key] for c in chunks]) for key in ("states", "log_probs", "images")}
-    batch.update(sigmas=sigmas, prompts=prompts, metas=metas, embeds=embeds, pooled=pooled,
+    batch = common.rollout_chunks(policy, embeds, pooled, shape, sigmas, [seed + i for i in range(len(prompts))],
+                                  args.train_batch_size, args.noise_level, args.guidance, args.negative, bundle.decode,
+                                  args.bf16)
+    batch.update(prompts=prompts, metas=metas, embeds=embeds, pooled=pooled,
                  groups=np.repeat(np.arange(len(picked)), args.group_size),
                  scores=toy.score(batch["images"], prompts, metas, names=tuple(rewards)))
     return batch
@@ -169,63 +163,6 @@ def train_on_epoch(policy, batch, advantages, informative, optimizer, args):
     for key in ("loss", "kl", "clip_frac"):
         stats[key] /= max(1, stats["updates"])
     return stats
-
-
-# ----------------------------------------------------------------------------------------------
-# EMA adapter, evaluation and checkpoints
-
-
-def update_ema(policy, decay):
-    """ema <- decay * ema + (1 - decay) * student, over the LoRA weights (the teacher we publish)."""
-    params = dict(policy.named_parameters())
-    with torch.no_grad():
-        for name, param in params.items():
-            if ".ema." in name:
-                param.lerp_(params[name.replace(".ema.", ".student.")], 1 - decay)
-
-
-def lora_state(policy, adapter):
-    return {n: p.detach().clone() for n, p in policy.named_parameters() if f".{adapter}." in n}
-
-
-def save_checkpoint(folder, policy, optimizer, epoch, rng, log):
-    """Atomic: the student and EMA adapters (peft folders) plus optimizer, RNG states and epoch."""
-    def write(tmp):
-        policy.save_pretrained(tmp, selected_adapters=["student", "ema"])
-        torch.save({"student": lora_state(policy, "student"), "ema": lora_state(policy, "ema"),
-                    "optimizer": optimizer.state_dict(), "epoch": epoch, "log": log, "python_rng": rng.getstate(),
-                    "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()},
-                   os.path.join(tmp, "state.pt"))
-    common.atomic_write_dir(os.path.join(folder, "checkpoint"), write)
-
-
-def load_checkpoint(folder, policy, optimizer, rng):
-    state = torch.load(os.path.join(folder, "checkpoint", "state.pt"), weights_only=False)
-    params = dict(policy.named_parameters())
-    for name, value in state["student"].items():
-        if name not in params or params[name].shape != value.shape:
-            raise ValueError(f"checkpoint {folder}/checkpoint does not fit this model and LoRA: {name} "
-                             f"{tuple(value.shape)} vs {tuple(params[name].shape) if name in params else 'absent'}; "
-                             f"expected the same --model, --lora-rank and targets as the run that wrote it")
-    with torch.no_grad():
-        for name, value in {**state["student"], **state["ema"]}.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    rng.setstate(state["python_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    np.random.set_state(state["numpy_rng"])
-    return state["epoch"], state["log"]
-
-
-def evaluate_adapter(bundle, policy, adapter, items, args, out_png=None):
-    """Test-split scores of the policy with `adapter` active (deterministic ODE, the model's eval settings)."""
-    import dataclasses
-    with common.use_adapter(policy, adapter):
-        result, images = toy.evaluate(dataclasses.replace(bundle, transformer=policy), items,
-                                      args.eval_steps, args.eval_guidance)
-    if out_png:
-        common.image_grid(images[::max(1, len(images) // 32)][:32], 8).save(out_png)
-    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,20 +230,16 @@ def main(argv=None):
     train_items = [item for f in train_files for item in common.load_prompts(f)]
     test_items = [item for f in test_files for item in common.load_prompts(f)]
 
-    policy = common.add_lora(bundle.transformer, args.lora_rank, args.lora_alpha)
-    policy.add_adapter("ema", policy.peft_config["student"])
-    with torch.no_grad():
-        for name, param in lora_state(policy, "student").items():
-            dict(policy.named_parameters())[name.replace(".student.", ".ema.")].copy_(param)
-    common.freeze_all_but(policy, "student")
+    policy = common.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
     os.makedirs(args.out, exist_ok=True)
     epoch, log = 0, []
     if args.resume and os.path.isdir(os.path.join(args.out, "checkpoint")):
-        epoch, log = load_checkpoint(args.out, policy, optimizer, rng)
+        epoch, log = common.load_checkpoint(args.out, policy, optimizer, rng)
         print(f"resumed from {args.out}/checkpoint at epoch {epoch}")
     if epoch == 0:
-        log.append({"epoch": 0, "eval": evaluate_adapter(bundle, policy, "ema", test_items, args)})
+        log.append({"epoch": 0, "eval": evaluation.evaluate_policy(bundle, policy, "ema", test_items,
+                                                                  args.eval_steps, args.eval_guidance)})
     bad_epochs = 0
     for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage1"):
         start = time.time()
@@ -322,15 +255,15 @@ def main(argv=None):
         finite = stats is not None and math.isfinite(stats["loss"])
         bad_epochs = 0 if finite else bad_epochs + 1
         if finite:
-            update_ema(policy, args.ema)
+            common.update_ema(policy, args.ema)
         groups = batch["groups"]
         record = {"epoch": epoch, "reward_mean": float(np.nanmean(reward)), "reward_std": float(np.nanstd(reward)),
                   **{f"reward_{n}": float(np.nanmean(v)) for n, v in batch["scores"].items()},
                   "skipped_groups": int(len(set(groups)) - len(set(groups[informative]))),
                   "seconds": time.time() - start, **(stats or {}), "skipped_update": not finite}
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            record["eval"] = evaluate_adapter(bundle, policy, "ema", test_items, args,
-                                              os.path.join(args.out, f"samples_epoch{epoch:04d}.png"))
+            record["eval"] = evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps,
+                                                        args.eval_guidance, f"{args.out}/samples_epoch{epoch:04d}.png")
         log.append(record)
         tqdm.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}))
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
@@ -339,7 +272,7 @@ def main(argv=None):
             raise SystemExit(f"stopping: {bad_epochs} epochs in a row had a non-finite loss or reward; the last "
                              f"good checkpoint is {args.out}/checkpoint")
         if finite and (epoch % args.eval_every == 0 or epoch == args.epochs):
-            save_checkpoint(args.out, policy, optimizer, epoch, rng, log)
+            common.save_checkpoint(args.out, policy, optimizer, epoch, rng, log)
     common.save_adapter(policy, "ema", os.path.join(args.out, "adapter"))
     print(f"wrote {args.out}/adapter (the EMA teacher, peft format)")
 

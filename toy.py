@@ -547,25 +547,13 @@ def summarize(scores, metas):
     return result
 
 
-def shift_sigmas(sigma, shift):
-    """The scheduler's time shift sigma' = shift sigma / (1 + (shift - 1) sigma), applied to the
-    logit-normal training draws so that training visits noise levels as often as sampling does."""
-    return shift * sigma / (1 + (shift - 1) * sigma)
-
-
 def rectified_flow_loss(transformer, text_encoder, tokenizer, x0, prompts, shift, bf16=True):
-    """|| v(x_sigma, sigma, c) - (eps - x0) ||^2 at x_sigma = (1 - sigma) x0 + sigma eps, with sigma
-    drawn logit-normal(0, 1) and then time-shifted like the sampler's schedule."""
+    """Pretraining's rectified-flow loss (common.flow_matching_loss) with the text encoder trained too."""
     import torch
-    from common import encode_miniature
-    sigma = shift_sigmas(torch.sigmoid(torch.randn(len(x0))), shift)
-    noise = torch.randn_like(x0)
-    x_sigma = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
+    import common
     with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        embeds, pooled = encode_miniature(text_encoder, tokenizer, prompts, MAX_TOKENS)
-        v = transformer(hidden_states=x_sigma, encoder_hidden_states=embeds, pooled_projections=pooled,
-                        timestep=sigma * 1000, return_dict=False)[0]
-    return ((v.float() - (noise - x0)) ** 2).mean()
+        embeds, pooled = common.encode_miniature(text_encoder, tokenizer, prompts, MAX_TOKENS)
+    return common.flow_matching_loss(transformer, x0, embeds, pooled, shift, bf16)
 
 
 def pretrain(args):

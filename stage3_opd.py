@@ -1,0 +1,311 @@
+"""Stage 3: multi-teacher on-policy distillation with Manifold Anchor Regularization (METHOD.md M3-M5).
+
+    python stage3_opd.py --teachers geneval=runs/teacher-geneval/adapter,ocr=runs/teacher-ocr/adapter \
+        --init runs/coldstart-merge/adapter --anchor runs/teacher-quality/adapter --out runs/opd-merge
+
+Each epoch the student samples SDE trajectories (M1) on prompts of all tasks. The router R(c) names
+each prompt's teacher; at every visited state the routed teacher's and the anchor's velocities are
+taken without gradient, in one mixed-adapter batch, with the student's guidance. The student is then
+updated to reduce
+    L = mean_j mean_i KL_j(student || teacher_R(c_i))  +  lambda mean_j mean_i KL_j(student || anchor)
+(M3 per step, M5 for the anchor term) with one of three estimators of the first term (M4):
+    pathwise        the KL itself, gradient through the student's velocity at the fixed states
+    ppo             the sampled log-ratio log pi_T / pi_old of each step as its advantage (plus a
+                    discounted reward-to-go with --gamma > 0) in the clipped surrogate
+    paper-detached  the paper's text: -KL (detached) as the per-step advantage; its expected gradient
+                    is zero (KL_j does not depend on the action), kept as a documented ablation
+Teachers, anchor and student are adapters on ONE base model. No reward model runs during training.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+import eval as evaluation
+import toy
+
+# ----------------------------------------------------------------------------------------------
+# The per-step objectives (M4)
+
+
+def kl_unit(sigma, sigma_next, dims, weighting):
+    """kappa_j with KL_weighting = kappa_j KL_paper (M3): 1 for "paper", |D_j| / dims for "code"."""
+    return 1.0 if weighting == "paper" else float(abs(sigma_next - sigma)) / dims
+
+
+def sampled_log_ratio(x, x_next, v_teacher, old_log_prob, sigmas, j, noise_level):
+    """sum_d log pi_T(x_j+1 | x_j) - log pi_old(x_j+1 | x_j) per sample: an unbiased one-sample
+    estimate of -KL_j(old || T) in paper units (M4 "ppo"). Log-probs are means over dims (M1), hence * D."""
+    _, teacher_log_prob, _, _ = common.sde_step(x, v_teacher, sigmas[j], sigmas[j + 1], sigmas[1], noise_level,
+                                                x_next=x_next)
+    return (teacher_log_prob - old_log_prob) * x[0].numel()
+
+
+def reward_to_go(rewards, gamma):
+    """A_ij = sum_{k >= j} gamma^(k - j) r_ik over the steps of each trajectory (rewards (B, N)).
+    gamma = 0 is the per-step reward alone; gamma = 1 credits an action with every later step's KL."""
+    advantages, running = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for j in reversed(range(rewards.shape[1])):
+        running = rewards[:, j] + gamma * running
+        advantages[:, j] = running
+    return advantages
+
+
+def opd_step_loss(objective, v_student, v_teacher, x, x_next, old_log_prob, advantage, sigmas, j, noise_level,
+                  weighting, clip_range):
+    """The student's loss at step j of trajectories x (M4), batch mean. Returns (loss, KL_j per sample,
+    policy ratio or None). E[grad loss] = grad KL_j for "pathwise" and "ppo" (with gamma = 0), and 0
+    for "paper-detached". The surrogate is scaled by D because log-probs are means over dims."""
+    kl = common.step_kl(v_student, v_teacher, sigmas[j], sigmas[j + 1], sigmas[1], noise_level, weighting)
+    if objective == "pathwise":
+        return kl.mean(), kl, None
+    if objective == "paper-detached":
+        advantage = -kl.detach()
+    _, log_prob, _, _ = common.sde_step(x, v_student, sigmas[j], sigmas[j + 1], sigmas[1], noise_level, x_next=x_next)
+    ratio = torch.exp(log_prob - old_log_prob)
+    surrogate = torch.maximum(-advantage * ratio, -advantage * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
+    return surrogate.mean() * x[0].numel(), kl, ratio
+
+
+# ----------------------------------------------------------------------------------------------
+# Teachers and anchor on the student's base; routing; rollouts
+
+
+def load_guides(policy, teachers, anchor):
+    """Loads each teacher as adapter "teacher_<task>" and the anchor ("base": adapters disabled, or a
+    peft folder loaded as "anchor") onto the policy's base. Returns ({task: adapter}, anchor adapter)."""
+    guides = {f"teacher_{task}": path for task, path in teachers.items()}
+    if anchor != "base":
+        guides["anchor"] = anchor
+    common.check_same_layout(guides)
+    for name, path in guides.items():
+        common.load_adapter(policy, path, name)
+    return {task: f"teacher_{task}" for task in teachers}, ("anchor" if anchor != "base" else "__base__")
+
+
+def draw_prompts(items_by_task, count, rng, task=None):
+    """`count` training prompts: each from a uniformly drawn task (mixed batches, per-sample routing),
+    or all from `task` (the released per-epoch schedule)."""
+    tasks = sorted(items_by_task)
+    return [(lambda t: items_by_task[t][rng.randrange(len(items_by_task[t]))])(task or tasks[rng.randrange(len(tasks))])
+            for _ in range(count)]
+
+
+@torch.no_grad()
+def guide_velocities(policy, batch, teacher_names, anchor_name, args):
+    """Routed-teacher and anchor velocities at every state of the student's trajectories: one
+    mixed-adapter call per step and chunk (the first half of its batch routed per sample, the second
+    half the anchor). Returns (v_teacher, v_anchor or None), each shaped like the states minus x_N."""
+    states, sigmas, n = batch["states"], batch["sigmas"], len(batch["states"])
+    with_anchor = args.mar_lambda > 0
+    v_teacher, v_anchor = torch.zeros_like(states[:, :-1]), torch.zeros_like(states[:, :-1]) if with_anchor else None
+    for start in range(0, n, args.train_batch_size):
+        idx = slice(start, start + args.train_batch_size)
+        names = teacher_names[idx] + ([anchor_name] * len(teacher_names[idx]) if with_anchor else [])
+        copies = 2 if with_anchor else 1
+        embeds, pooled = batch["embeds"][idx].repeat(copies, 1, 1), batch["pooled"][idx].repeat(copies, 1)
+        for j in range(len(sigmas) - 1):
+            with torch.autocast(states.device.type, torch.bfloat16, enabled=args.bf16):
+                v = common.velocity(policy, states[idx, j].repeat(copies, 1, 1, 1), sigmas[j], embeds, pooled,
+                                    args.guidance, args.negative, adapter_names=names).float()
+            v_teacher[idx, j] = v[:len(names) // copies]
+            if with_anchor:
+                v_anchor[idx, j] = v[len(names) // copies:]
+    return v_teacher, v_anchor
+
+
+def sample_epoch(policy, bundle, picked, teachers, args, seed):
+    """On-policy student SDE rollouts (M1) of the picked (prompt, metadata) pairs, with their routes."""
+    prompts = [p for p, _ in picked]
+    routes = [common.route(p, m, set(teachers)) for p, m in picked]
+    embeds, pooled = bundle.encode(prompts)
+    sigmas = common.sampling_sigmas(bundle.scheduler, args.steps)
+    batch = common.rollout_chunks(policy, embeds, pooled, bundle.latent_shape(args.resolution or bundle.resolution),
+                                  sigmas, [seed + i for i in range(len(prompts))], args.train_batch_size,
+                                  args.noise_level, args.guidance, args.negative, None, args.bf16)
+    batch.update(prompts=prompts, routes=routes, embeds=embeds, pooled=pooled)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# The update
+
+
+def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
+    """One optimizer step per chunk of trajectories, gradients accumulated over all N steps (M4 + M5).
+    Returns the epoch's statistics, with the KL to the teacher per task (in --kl-weighting units)."""
+    states, sigmas, steps = batch["states"], batch["sigmas"], len(batch["sigmas"]) - 1
+    routes = np.array(batch["routes"])
+    stats = {"loss": 0.0, "kl_anchor": 0.0, "ratio_min": math.inf, "ratio_max": -math.inf, "updates": 0,
+             **{f"kl_teacher_{t}": 0.0 for t in sorted(set(routes))}}
+    advantages = None
+    if args.objective == "ppo":
+        rewards = torch.stack([sampled_log_ratio(states[:, j], states[:, j + 1], v_teacher[:, j], batch["log_probs"][:, j],
+                                                 sigmas, j, args.noise_level) * kl_unit(sigmas[j], sigmas[j + 1],
+                                                 states[0, 0].numel(), args.kl_weighting) for j in range(steps)], 1)
+        advantages = reward_to_go(rewards, args.gamma)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    for start in range(0, len(states), args.train_batch_size):
+        idx = torch.arange(start, min(start + args.train_batch_size, len(states)))
+        optimizer.zero_grad(set_to_none=True)
+        chunk_loss = 0.0
+        for j in range(steps):
+            x, x_next = states[idx, j], states[idx, j + 1]
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=args.bf16):
+                v = common.velocity(policy, x, sigmas[j], batch["embeds"][idx], batch["pooled"][idx], args.guidance,
+                                    args.negative)
+            loss, kl, ratio = opd_step_loss(args.objective, v, v_teacher[idx, j], x, x_next, batch["log_probs"][idx, j],
+                                            None if advantages is None else advantages[idx, j], sigmas, j,
+                                            args.noise_level, args.kl_weighting, args.clip_range)
+            if v_anchor is not None:
+                kl_anchor = common.step_kl(v, v_anchor[idx, j], sigmas[j], sigmas[j + 1], sigmas[1], args.noise_level,
+                                           args.kl_weighting)
+                loss = loss + args.mar_lambda * kl_anchor.mean()
+                stats["kl_anchor"] += kl_anchor.sum().item() / len(states) / steps
+            (loss / steps).backward()
+            chunk_loss += loss.item() / steps
+            for task in set(routes[idx.numpy()]):
+                mask = torch.as_tensor(routes[idx.numpy()] == task)
+                stats[f"kl_teacher_{task}"] += kl[mask].sum().item() / (routes == task).sum() / steps
+            if ratio is not None:
+                stats["ratio_min"] = min(stats["ratio_min"], ratio.min().item())
+                stats["ratio_max"] = max(stats["ratio_max"], ratio.max().item())
+        stats["loss"] += chunk_loss * len(idx) / len(states)
+        if not math.isfinite(chunk_loss):
+            optimizer.zero_grad(set_to_none=True)
+            return stats
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        stats["updates"] += 1
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def prompt_files(tasks, dataset, train_override, test_override):
+    """{task: (train file, test file)}: the dataset's miniature files unless overridden (task=FILE,...)."""
+    defaults = {"geneval": ("geneval/train_metadata.jsonl", "geneval/test_metadata.jsonl"),
+                "ocr": ("ocr/train.txt", "ocr/test.txt")}
+    if dataset == "dataset" and not os.path.isdir(dataset):
+        toy.write_prompt_files(dataset)  # the miniature world's prompt files, made on first use
+    train = dict(part.split("=", 1) for part in filter(None, train_override.split(",")))
+    test = dict(part.split("=", 1) for part in filter(None, test_override.split(",")))
+    files = {}
+    for task in tasks:
+        if task not in defaults and (task not in train or task not in test):
+            raise ValueError(f"no prompt files for task {task!r}; pass --train-prompts {task}=FILE and "
+                             f"--test-prompts {task}=FILE")
+        files[task] = (train.get(task) or os.path.join(dataset, defaults[task][0]),
+                       test.get(task) or os.path.join(dataset, defaults[task][1]))
+    return files
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="miniature/base")  # base model folder or hub id (paper: SD3.5-M)
+    p.add_argument("--teachers", required=True)  # task=peft_folder,... one frozen teacher per task (router targets)
+    p.add_argument("--anchor", default="base")  # MAR anchor: "base" (adapters off) or a peft folder (quality teacher)
+    p.add_argument("--init", default=None)  # cold-start peft folder (stage2_coldstart.py); default a fresh LoRA
+    p.add_argument("--objective", choices=["pathwise", "ppo", "paper-detached"], default="pathwise")  # M4 estimator
+    p.add_argument("--gamma", type=float, default=0.0)  # ppo: reward-to-go discount (0 = per-step advantage)
+    p.add_argument("--kl-weighting", choices=["paper", "code"], default="paper")  # M3 units (paper = the true KL)
+    p.add_argument("--mar-lambda", type=float, default=0.04)  # lambda of M5 (released: 0.04); 0 turns MAR off
+    p.add_argument("--schedule", choices=["sample", "epoch"], default="sample")  # per-sample routing or one task per epoch
+    p.add_argument("--dataset", default="dataset")  # folder of the default prompt files
+    p.add_argument("--train-prompts", default="")  # task=FILE,... overriding the dataset's training prompts
+    p.add_argument("--test-prompts", default="")  # task=FILE,... overriding the dataset's test prompts
+    p.add_argument("--out", required=True)  # run folder: log, grids, checkpoint, final adapter
+    p.add_argument("--epochs", type=int, default=20)  # sampling/training epochs
+    p.add_argument("--rollouts-per-epoch", type=int, default=32)  # on-policy trajectories per epoch (one prompt each)
+    p.add_argument("--train-batch-size", type=int, default=16)  # trajectories per optimizer step
+    p.add_argument("--steps", type=int, default=10)  # SDE steps per rollout (paper: 10)
+    p.add_argument("--noise-level", type=float, default=0.7)  # a of M1 (paper: 0.7)
+    p.add_argument("--guidance", type=float, default=None)  # CFG of student, teachers and anchor (paper: 4.5)
+    p.add_argument("--resolution", type=int, default=None)  # pixels (default: the model's; paper: 512)
+    p.add_argument("--clip-range", type=float, default=1e-3)  # ppo surrogate epsilon (mean-over-dims ratio)
+    p.add_argument("--lr", type=float, default=3e-4)  # AdamW learning rate (paper: 3e-4)
+    p.add_argument("--lora-rank", type=int, default=32)  # student LoRA rank without --init (paper: 32)
+    p.add_argument("--lora-alpha", type=int, default=64)  # student LoRA alpha without --init (paper: 64)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)  # gradient clipping (paper: 1.0)
+    p.add_argument("--ema", type=float, default=0.9)  # EMA decay of the published adapter, per epoch
+    p.add_argument("--eval-every", type=int, default=5)  # epochs between test evaluations + checkpoints
+    p.add_argument("--eval-steps", type=int, default=None)  # ODE steps at eval (default: the model's; paper: 40)
+    p.add_argument("--eval-guidance", type=float, default=None)  # CFG at eval (default: the model's; paper: 4.5)
+    p.add_argument("--max-bad-epochs", type=int, default=3)  # consecutive non-finite epochs before stopping
+    p.add_argument("--no-bf16", dest="bf16", action="store_false")  # fp32 instead of bf16 autocast
+    p.add_argument("--seed", type=int, default=0)  # prompts, noise
+    p.add_argument("--resume", action="store_true")  # continue from OUT/checkpoint
+    args = p.parse_args(argv)
+    if args.mar_lambda < 0 or not math.isfinite(args.mar_lambda):
+        p.error(f"--mar-lambda {args.mar_lambda} must be a finite number >= 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    teachers = common.parse_teachers(args.teachers)
+    files = prompt_files(teachers, args.dataset, args.train_prompts, args.test_prompts)
+    train_items = {task: common.load_prompts(train) for task, (train, _) in files.items()}
+    test_items = [item for _, test in files.values() for item in common.load_prompts(test)]
+    for items in train_items.values():  # every training prompt must route to a teacher (a clear error now, not mid-run)
+        for prompt, meta in items:
+            common.route(prompt, meta, set(teachers))
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    bundle = common.load_model(args.model)
+    args.guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
+    args.eval_guidance = args.eval_guidance if args.eval_guidance is not None else bundle.defaults["guidance_scale"]
+    args.eval_steps = args.eval_steps or bundle.defaults["eval_steps"]
+    args.negative = bundle.encode([""]) if args.guidance != 1 else None
+
+    policy = common.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha, init=args.init)
+    teacher_of, anchor_name = load_guides(policy, teachers, args.anchor)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
+    os.makedirs(args.out, exist_ok=True)
+    epoch, log = 0, []
+    if args.resume and os.path.isdir(os.path.join(args.out, "checkpoint")):
+        epoch, log = common.load_checkpoint(args.out, policy, optimizer, rng)
+        print(f"resumed from {args.out}/checkpoint at epoch {epoch}")
+    if epoch == 0:
+        log.append({"epoch": 0, "trajectories": 0, "eval": evaluation.evaluate_policy(
+            bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance)})
+    bad_epochs = 0
+    for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage3"):
+        start = time.time()
+        task = sorted(teachers)[(epoch - 1) % len(teachers)] if args.schedule == "epoch" else None
+        picked = draw_prompts(train_items, args.rollouts_per_epoch, rng, task)
+        batch = sample_epoch(policy, bundle, picked, teachers, args, seed=args.seed * 100003 + epoch * 1009)
+        v_teacher, v_anchor = guide_velocities(policy, batch, [teacher_of[r] for r in batch["routes"]], anchor_name, args)
+        stats = train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args)
+        finite = math.isfinite(stats["loss"])
+        bad_epochs = 0 if finite else bad_epochs + 1
+        if finite:
+            common.update_ema(policy, args.ema)
+        record = {"epoch": epoch, "trajectories": epoch * args.rollouts_per_epoch, "task": task or "mixed",
+                  "seconds": time.time() - start, **stats, "skipped_update": not finite}
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            record["eval"] = evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps,
+                                                        args.eval_guidance, f"{args.out}/samples_epoch{epoch:04d}.png")
+        log.append(record)
+        tqdm.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}))
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if bad_epochs >= args.max_bad_epochs:
+            raise SystemExit(f"stopping: {bad_epochs} epochs in a row had a non-finite loss; the last good "
+                             f"checkpoint is {args.out}/checkpoint")
+        if finite and (epoch % args.eval_every == 0 or epoch == args.epochs):
+            common.save_checkpoint(args.out, policy, optimizer, epoch, rng, log)
+    common.save_adapter(policy, "ema", os.path.join(args.out, "adapter"))
+    print(f"wrote {args.out}/adapter (the EMA student, peft format)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Stage 2 (M6 merges, SFT) and Stage 3 (routing, mixed-adapter teachers, gradients, resume, bad input)
+on a randomly initialised miniature model."""
+import json
+import os
+import random
+import types
+
+import pytest
+import torch
+
+import common
+import stage2_coldstart as stage2
+import stage3_opd as stage3
+import toy
+
+
+def random_adapter(model_dir, folder, seed, rank=4, targets=("to_q", "to_k", "to_v", "to_out.0")):
+    """A peft folder with random A and B (a 'trained' adapter) on the tiny base."""
+    torch.manual_seed(seed)
+    bundle = common.load_model(model_dir)
+    peft = common.add_lora(bundle.transformer, rank, 2 * rank, targets)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.05)
+    common.save_adapter(peft, "student", str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {"geneval": random_adapter(tiny_model_dir, root / "geneval", 1),
+            "ocr": random_adapter(tiny_model_dir, root / "ocr", 2),
+            "quality": random_adapter(tiny_model_dir, root / "quality", 3),
+            "rank8": random_adapter(tiny_model_dir, root / "rank8", 4, rank=8),
+            "qv": random_adapter(tiny_model_dir, root / "qv", 5, targets=("to_q", "to_v"))}
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prompts")
+    items = toy.all_geneval_items("colors") + toy.all_geneval_items("position")
+    random.Random(0).shuffle(items)
+    files = {}
+    for split, part in (("train", items[:12]), ("test", items[12:14])):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(m) + "\n" for m in part))
+        (folder / f"{split}.txt").write_text("".join(toy.ocr_prompt(w) + "\n" for w in ("AB", "KEY", "TEA", "RED")[:4 if split == "train" else 2]))
+        files[split] = f"geneval={folder / f'{split}.jsonl'},ocr={folder / f'{split}.txt'}"
+    return files
+
+
+def delta_weights(peft, adapter):
+    """{module: dense dW} of one adapter (peft's own get_delta_weight, scaling included)."""
+    return {name: module.get_delta_weight(adapter) for name, module in peft.named_modules()
+            if hasattr(module, "lora_A") and adapter in module.lora_A}
+
+
+def merged_deltas(tiny_model_dir, folder):
+    from peft import PeftModel
+    bundle = common.load_model(tiny_model_dir)
+    return delta_weights(PeftModel.from_pretrained(bundle.transformer, folder, adapter_name="m"), "m")
+
+
+def teacher_deltas(tiny_model_dir, adapters, weights):
+    from peft import PeftModel
+    bundle = common.load_model(tiny_model_dir)
+    peft = PeftModel.from_pretrained(bundle.transformer, adapters["geneval"], adapter_name="geneval")
+    common.load_adapter(peft, adapters["ocr"], "ocr")
+    g, o = delta_weights(peft, "geneval"), delta_weights(peft, "ocr")
+    return {name: weights[0] * g[name] + weights[1] * o[name] for name in g}
+
+
+def relative_error(a, b):
+    return max(((a[n] - b[n]).norm() / b[n].norm()).item() for n in b)
+
+
+def test_merge_rules_against_the_dense_weighted_delta_sum(tiny_model_dir, adapters, tmp_path):
+    teachers = f"geneval={adapters['geneval']},ocr={adapters['ocr']}"
+    expected = teacher_deltas(tiny_model_dir, adapters, (0.7, 0.3))
+    errors = {}
+    for rule in ("delta", "svd", "ab"):
+        stage2.main(["merge", "--model", tiny_model_dir, "--teachers", teachers, "--weights", "0.7,0.3",
+                     "--rule", rule, "--out", str(tmp_path / rule)])
+        errors[rule] = relative_error(merged_deltas(tiny_model_dir, str(tmp_path / rule / "adapter")), expected)
+    assert errors["delta"] < 1e-5  # exact to float precision
+    # svd to rank r: the best rank-r approximation of the rank-2r sum, so some error but less than ab's
+    assert 1e-3 < errors["svd"] < errors["ab"]
+    assert errors["ab"] > 0.3, errors  # the released A/B averaging is not the average of dW
+    stage2.main(["merge", "--model", tiny_model_dir, "--teachers", teachers, "--weights", "0.7,0.3",
+                 "--rule", "svd", "--svd-rank", "8", "--out", str(tmp_path / "svd8")])
+    assert relative_error(merged_deltas(tiny_model_dir, str(tmp_path / "svd8" / "adapter")), expected) < 1e-4
+
+
+def test_merge_bad_input(tiny_model_dir, adapters, tmp_path):
+    with pytest.raises(ValueError, match="rank/alpha/targets"):
+        stage2.main(["merge", "--model", tiny_model_dir, "--teachers",
+                     f"geneval={adapters['geneval']},ocr={adapters['rank8']}", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="has 3 numbers for 2 teachers"):
+        stage2.main(["merge", "--model", tiny_model_dir, "--teachers",
+                     f"geneval={adapters['geneval']},ocr={adapters['ocr']}", "--weights", "1,2,3", "--out", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        stage2.main(["merge", "--teachers", f"geneval={tmp_path / 'nowhere'}", "--out", str(tmp_path)])
+
+
+def test_sft_cold_start_trains_a_student_stage3_can_start_from(tiny_model_dir, adapters, prompt_files, tmp_path):
+    stage2.main(["sft", "--model", tiny_model_dir, "--teachers", f"geneval={adapters['geneval']},ocr={adapters['ocr']}",
+                 "--train-prompts", prompt_files["train"], "--samples-per-task", "4", "--sample-steps", "2",
+                 "--train-steps", "3", "--batch-size", "4", "--out", str(tmp_path / "sft")])
+    log = [json.loads(line) for line in open(tmp_path / "sft" / "log.jsonl")]
+    assert len(log) == 3 and all(r["loss"] > 0 for r in log)
+    bundle = common.load_model(tiny_model_dir)
+    policy = common.make_policy(bundle.transformer, init=str(tmp_path / "sft" / "adapter"))
+    assert any(p.requires_grad for n, p in policy.named_parameters() if ".student." in n)
+
+
+def stage3_args(model_dir, adapters, prompt_files, out, *extra):
+    return ["--model", model_dir, "--teachers", f"geneval={adapters['geneval']},ocr={adapters['ocr']}",
+            "--train-prompts", prompt_files["train"], "--test-prompts", prompt_files["test"], "--out", str(out),
+            "--rollouts-per-epoch", "4", "--train-batch-size", "4", "--steps", "3", "--eval-steps", "2",
+            "--lora-rank", "4", "--lora-alpha", "8", "--eval-every", "1", "--lr", "1e-2", *extra]
+
+
+def setup_policy(model_dir, adapters, anchor, bf16=True):
+    bundle = common.load_model(model_dir)
+    policy = common.make_policy(bundle.transformer, 4, 8)
+    teacher_of, anchor_name = stage3.load_guides(policy, {"geneval": adapters["geneval"], "ocr": adapters["ocr"]}, anchor)
+    args = types.SimpleNamespace(train_batch_size=4, mar_lambda=0.04, guidance=4.5, negative=bundle.encode([""]),
+                                 bf16=bf16, steps=3, noise_level=0.7, resolution=None, objective="pathwise",
+                                 kl_weighting="paper", clip_range=1e-3, gamma=0.0, max_grad_norm=1.0)
+    return bundle, policy, teacher_of, anchor_name, args
+
+
+@pytest.mark.parametrize("anchor", ["base", "quality"])
+def test_mixed_batch_teacher_and_anchor_velocities_equal_each_adapter_alone(tiny_model_dir, adapters, anchor):
+    bundle, policy, teacher_of, anchor_name, args = setup_policy(
+        tiny_model_dir, adapters, "base" if anchor == "base" else adapters["quality"], bf16=False)
+    picked = [("a red circle", None), ('a sign that says "AB"', None), ("two blue squares", None), ('"KEY"', None)]
+    batch = stage3.sample_epoch(policy, bundle, picked, {"geneval": 1, "ocr": 1}, args, seed=0)
+    assert batch["routes"] == ["geneval", "ocr", "geneval", "ocr"]
+    v_teacher, v_anchor = stage3.guide_velocities(policy, batch, [teacher_of[r] for r in batch["routes"]], anchor_name, args)
+    j = 1
+    x, sigma = batch["states"][:, j], batch["sigmas"][j]
+    for i, route in enumerate(batch["routes"]):
+        with torch.no_grad(), common.use_adapter(policy, teacher_of[route]):
+            alone = common.velocity(policy, x[i:i + 1], sigma, batch["embeds"][i:i + 1], batch["pooled"][i:i + 1],
+                                    args.guidance, args.negative)
+        torch.testing.assert_close(v_teacher[i, j], alone[0], atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), common.use_adapter(policy, None if anchor == "base" else "anchor"):
+        anchor_alone = common.velocity(policy, x, sigma, batch["embeds"], batch["pooled"], args.guidance, args.negative)
+    torch.testing.assert_close(v_anchor[:, j], anchor_alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(v_teacher[0, j], anchor_alone[0], atol=1e-3)  # the adapters do differ
+
+
+@pytest.mark.parametrize("objective", ["pathwise", "ppo"])
+def test_only_the_student_learns_and_the_first_ppo_ratio_is_one(tiny_model_dir, adapters, objective):
+    bundle, policy, teacher_of, anchor_name, args = setup_policy(tiny_model_dir, adapters, adapters["quality"])
+    args.objective = objective
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if ".student.lora_B" in n:
+                p.normal_(0, 0.01)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    picked = [("a red circle", None), ('a sign that says "AB"', None)] * 4
+    batch = stage3.sample_epoch(policy, bundle, picked, {"geneval": 1, "ocr": 1}, args, seed=0)
+    v_teacher, v_anchor = stage3.guide_velocities(policy, batch, [teacher_of[r] for r in batch["routes"]], anchor_name, args)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    stats = stage3.train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args)
+    assert stats["updates"] == 2 and stats["kl_teacher_geneval"] > 0 and stats["kl_teacher_ocr"] > 0
+    assert stats["kl_anchor"] > 0
+    if objective == "ppo":
+        assert stats["ratio_min"] < 1 or stats["ratio_max"] > 1  # the second chunk is off-policy
+    changed = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".student." in n for n in changed), sorted(changed)[:5]
+    assert all(p.grad is None for n, p in policy.named_parameters() if ".student." not in n)
+
+
+def test_stage3_runs_with_mar_off_and_resume_reproduces_the_next_epoch(tiny_model_dir, adapters, prompt_files, tmp_path):
+    stage3.main(stage3_args(tiny_model_dir, adapters, prompt_files, tmp_path / "nomar", "--epochs", "1",
+                            "--mar-lambda", "0", "--objective", "ppo", "--gamma", "0.9"))
+    log = [json.loads(line) for line in open(tmp_path / "nomar" / "log.jsonl")]
+    assert log[0]["kl_anchor"] == 0 and log[0]["ratio_min"] == log[0]["ratio_max"] == 1.0
+    common_args = ("--anchor", adapters["quality"], "--init", adapters["geneval"], "--schedule", "epoch")
+    stage3.main(stage3_args(tiny_model_dir, adapters, prompt_files, tmp_path / "full", "--epochs", "2", *common_args))
+    stage3.main(stage3_args(tiny_model_dir, adapters, prompt_files, tmp_path / "part", "--epochs", "1", *common_args))
+    stage3.main(stage3_args(tiny_model_dir, adapters, prompt_files, tmp_path / "part", "--epochs", "2", "--resume",
+                            *common_args))
+    full = [json.loads(line) for line in open(tmp_path / "full" / "log.jsonl")]
+    part = [json.loads(line) for line in open(tmp_path / "part" / "log.jsonl")]
+    assert [r["task"] for r in full] == ["geneval", "ocr"]
+    for key in ("loss", "kl_teacher_ocr", "kl_anchor", "eval"):
+        assert part[1][key] == full[1][key], key
+    assert os.path.isfile(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    assert os.path.isfile(tmp_path / "full" / "samples_epoch0002.png")
+
+
+def test_stage3_bad_input_is_a_clear_error(tiny_model_dir, adapters, prompt_files, tmp_path):
+    def run(*extra, teachers=None):
+        argv = stage3_args(tiny_model_dir, adapters, prompt_files, tmp_path, "--epochs", "1", *extra)
+        if teachers:
+            argv[argv.index("--teachers") + 1] = teachers
+        stage3.main(argv)
+    with pytest.raises(ValueError, match="rank/alpha/targets"):
+        run(teachers=f"geneval={adapters['geneval']},ocr={adapters['rank8']}")
+    with pytest.raises(ValueError, match="rank/alpha/targets"):
+        run(teachers=f"geneval={adapters['geneval']},ocr={adapters['qv']}")
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        run(teachers=f"geneval={adapters['geneval']},ocr={tmp_path / 'missing'}")
+    with pytest.raises(ValueError, match="routes to task 'ocr', but the teachers are \\['geneval'\\]"):
+        run("--train-prompts", prompt_files["train"].split(",")[1].replace("ocr=", "geneval="),
+            teachers=f"geneval={adapters['geneval']}")
+    with pytest.raises(SystemExit):
+        run("--mar-lambda", "-1")

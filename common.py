@@ -253,26 +253,30 @@ def per_sample_noise(generators, shape, device="cpu"):
 
 @torch.no_grad()
 def rollout(model, embeds, pooled, latent_shape, sigmas, seeds, noise_level=0.7, guidance_scale=1.0,
-            negative=None, decode=None, **model_kwargs):
+            negative=None, decode=None, init_seeds=None, **model_kwargs):
     """Batched SDE sampling of whole trajectories (M1), reproducible from one seed per sample.
-    Returns {"states": (B, N+1, C, h, w) x_0..x_N, "log_probs": (B, N) or None (noise_level 0),
-    "sigmas": (N+1,), "images": decode(x_N) or None}."""
+    `noise_level`: one a for every step, or a list of N (0 = a deterministic ODE step, as outside
+    Flow-GRPO-Fast's SDE window). `init_seeds`: seeds of the initial noise when it must differ from
+    `seeds` (e.g. one start shared by a GRPO group). Returns {"states": (B, N+1, C, h, w) x_0..x_N,
+    "log_probs": (B, N) (0 at ODE steps) or None (all ODE), "sigmas": (N+1,), "images": decode(x_N) or None}."""
+    levels = list(noise_level) if isinstance(noise_level, (list, tuple)) else [noise_level] * (len(sigmas) - 1)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    x = per_sample_noise(generators, latent_shape, embeds.device)
+    starts = generators if init_seeds is None else [torch.Generator().manual_seed(int(s)) for s in init_seeds]
+    x = per_sample_noise(starts, latent_shape, embeds.device)
     states, log_probs = [x], []
     for j in range(len(sigmas) - 1):
         v = velocity(model, x, sigmas[j], embeds, pooled, guidance_scale, negative, **model_kwargs)
-        noise = per_sample_noise(generators, latent_shape, x.device) if noise_level > 0 else None
-        x, log_prob, _, _ = sde_step(x, v, sigmas[j], sigmas[j + 1], sigmas[1], noise_level, noise)
+        noise = per_sample_noise(generators, latent_shape, x.device) if levels[j] > 0 else None
+        x, log_prob, _, _ = sde_step(x, v, sigmas[j], sigmas[j + 1], sigmas[1], levels[j], noise)
         states.append(x)
-        log_probs.append(log_prob)
+        log_probs.append(log_prob if log_prob is not None else torch.zeros(len(x), device=x.device))
     return {"states": torch.stack(states, 1), "sigmas": sigmas,
-            "log_probs": torch.stack(log_probs, 1) if noise_level > 0 else None,
+            "log_probs": torch.stack(log_probs, 1) if any(a > 0 for a in levels) else None,
             "images": decode(x) if decode is not None else None}
 
 
 def rollout_chunks(model, embeds, pooled, latent_shape, sigmas, seeds, chunk_size, noise_level=0.7,
-                   guidance_scale=1.0, negative=None, decode=None, bf16=True):
+                   guidance_scale=1.0, negative=None, decode=None, bf16=True, init_seeds=None):
     """rollout() over chunks of `chunk_size` samples under bf16 autocast: the same chunks and precision
     as the policy update that follows, so that it recomputes the stored log-probs bit for bit (the
     first PPO ratio is exactly 1). Returns rollout()'s dict for the whole batch."""
@@ -280,8 +284,8 @@ def rollout_chunks(model, embeds, pooled, latent_shape, sigmas, seeds, chunk_siz
     for start in range(0, len(seeds), chunk_size):
         part = slice(start, start + chunk_size)
         with torch.autocast(embeds.device.type, torch.bfloat16, enabled=bf16):
-            chunks.append(rollout(model, embeds[part], pooled[part], latent_shape, sigmas, seeds[part],
-                                  noise_level, guidance_scale, negative, decode))
+            chunks.append(rollout(model, embeds[part], pooled[part], latent_shape, sigmas, seeds[part], noise_level,
+                                  guidance_scale, negative, decode, init_seeds[part] if init_seeds else None))
     out = {key: torch.cat([c[key] for c in chunks]) for key in ("states", "log_probs", "images")
            if chunks[0][key] is not None}
     return {"images": None, "log_probs": None, **out, "sigmas": sigmas}
@@ -335,6 +339,30 @@ def route(prompt, metadata, tasks):
     if task not in tasks:
         raise ValueError(f"prompt {prompt!r} routes to task {task!r}, but the teachers are {sorted(tasks)}")
     return task
+
+
+DEFAULT_PROMPT_FILES = {"geneval": {"train": "geneval/train_metadata.jsonl", "test": "geneval/test_metadata.jsonl"},
+                        "ocr": {"train": "ocr/train.txt", "test": "ocr/test.txt"}}
+
+
+def prompts_by_task(files, tasks, dataset, split):
+    """{task: [(prompt, metadata)]}: the prompts of comma-separated `files` (or, when empty, the
+    dataset's `split` files of `tasks`) grouped by the router. A prompt routed to a task outside
+    `tasks`, or a task left with no prompt, is an error now rather than mid-run."""
+    if dataset == "dataset" and not files and not os.path.isdir(dataset):
+        import toy
+        toy.write_prompt_files(dataset)  # the miniature world's prompt files, made on first use
+    unknown = [t for t in tasks if t not in DEFAULT_PROMPT_FILES]
+    if not files and unknown:
+        raise ValueError(f"no default prompt files for task(s) {unknown}; pass the prompt files explicitly")
+    paths = files.split(",") if files else [os.path.join(dataset, DEFAULT_PROMPT_FILES[t][split]) for t in tasks]
+    grouped = {task: [] for task in tasks}
+    for prompt, meta in (item for path in paths for item in load_prompts(path)):
+        grouped[route(prompt, meta, set(tasks))].append((prompt, meta))
+    empty = [task for task, items in grouped.items() if not items]
+    if empty:
+        raise ValueError(f"no {split} prompt routes to task(s) {empty}; expected prompts of every task in {paths}")
+    return grouped
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,14 +559,16 @@ def shift_sigmas(sigma, shift):
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-def flow_matching_loss(model, x0, embeds, pooled, shift=3.0, bf16=True):
+def flow_matching_loss(model, x0, embeds, pooled, shift=3.0, bf16=True, guidance_scale=1.0, negative=None):
     """Rectified-flow loss || v(x_sigma, sigma, c) - (eps - x0) ||^2 at x_sigma = (1 - sigma) x0 + sigma eps,
-    sigma logit-normal(0, 1) then time-shifted like the sampler (METHOD.md §0, M6's SFT)."""
+    sigma logit-normal(0, 1) then time-shifted like the sampler (METHOD.md §0, M6's SFT). With
+    guidance_scale w != 1 the guided velocity is fitted: samples drawn with CFG w are then the model's
+    own CFG-w distribution, instead of having guidance applied twice at sampling."""
     sigma = shift_sigmas(torch.sigmoid(torch.randn(len(x0), device=x0.device)), shift)
     noise = torch.randn_like(x0)
     x_sigma = _as_batch(1 - sigma, x0) * x0 + _as_batch(sigma, x0) * noise
     with torch.autocast(x0.device.type, torch.bfloat16, enabled=bf16):
-        v = velocity(model, x_sigma, sigma, embeds, pooled)
+        v = velocity(model, x_sigma, sigma, embeds, pooled, guidance_scale, negative)
     return ((v.float() - (noise - x0)) ** 2).mean()
 
 
@@ -591,3 +621,37 @@ def image_grid(images, columns=8):
         r, c = divmod(i, columns)
         grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = image
     return Image.fromarray(grid)
+
+
+def line_chart(series, path, x_label, y_label, size=(640, 400)):
+    """A PNG line chart of {label: [(x, y), ...]} with PIL alone (no plotting dependency)."""
+    from PIL import ImageDraw
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    points = [xy for line in series.values() for xy in line]
+    if not points:
+        raise ValueError(f"nothing to plot for {path!r}: every series is empty")
+    (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*points)]
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-3)
+    left, top, right, bottom = 60, 20, size[0] - 20, size[1] - 50
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+
+    def at(x, y):
+        return left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top)
+    draw.rectangle([left, top, right, bottom], outline="black")
+    for k in range(5):
+        y = y0 + (y1 - y0) * k / 4
+        draw.text((5, at(x0, y)[1] - 6), f"{y:.3f}", fill="black")
+        x = x0 + (x1 - x0) * k / 4
+        draw.text((at(x, y0)[0] - 10, bottom + 5), f"{x:g}", fill="black")
+    draw.text((left, size[1] - 22), x_label, fill="black")
+    draw.text((left + 5, top + 2), y_label, fill="black")
+    for i, (label, line) in enumerate(series.items()):
+        color = colors[i % len(colors)]
+        xy = [at(x, y) for x, y in sorted(line)]
+        if len(xy) > 1:
+            draw.line(xy, fill=color, width=2)
+        for px, py in xy:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+        draw.text((right - 170, top + 8 + 14 * i), label, fill=color)
+    image.save(path)

@@ -93,19 +93,33 @@ def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range):
 # Sampling, scoring and the policy-gradient update
 
 
+def sde_window(args, rng):
+    """The steps that are stochastic and trained this epoch: all but the last (Flow-GRPO), or, with
+    --sde-window K, K consecutive steps starting at a random step of the first half (Flow-GRPO-Fast:
+    the other steps are ODE steps, so a group's reward differences come from these K steps' noise)."""
+    if args.sde_window <= 0:
+        return list(range(args.steps - 1))
+    start = rng.randrange(max(1, args.steps // 2 - args.sde_window + 1))
+    return list(range(start, start + args.sde_window))
+
+
 def sample_epoch(policy, bundle, items, rewards, args, rng, seed):
-    """G on-policy SDE rollouts (M1) for each of M prompts, scored by `rewards`."""
+    """G on-policy rollouts (M1) for each of M prompts, scored by `rewards`. With an SDE window, a
+    group shares its initial noise and differs only in the window's noise."""
     picked = [items[rng.randrange(len(items))] for _ in range(args.prompts_per_epoch)]
     prompts = [p for p, _ in picked for _ in range(args.group_size)]
     metas = [m for _, m in picked for _ in range(args.group_size)]
+    trained_steps = sde_window(args, rng)
+    levels = [args.noise_level if j in trained_steps else 0.0 for j in range(args.steps)]
     embeds, pooled = bundle.encode(prompts)
     sigmas = common.sampling_sigmas(bundle.scheduler, args.steps)
     shape = bundle.latent_shape(args.resolution or bundle.resolution)
+    groups = np.repeat(np.arange(len(picked)), args.group_size)
     batch = common.rollout_chunks(policy, embeds, pooled, shape, sigmas, [seed + i for i in range(len(prompts))],
-                                  args.train_batch_size, args.noise_level, args.guidance, args.negative, bundle.decode,
-                                  args.bf16)
-    batch.update(prompts=prompts, metas=metas, embeds=embeds, pooled=pooled,
-                 groups=np.repeat(np.arange(len(picked)), args.group_size),
+                                  args.train_batch_size, levels if args.sde_window > 0 else args.noise_level,
+                                  args.guidance, args.negative, bundle.decode, args.bf16,
+                                  [seed + 7919 * (g + 1) for g in groups] if args.sde_window > 0 else None)
+    batch.update(prompts=prompts, metas=metas, embeds=embeds, pooled=pooled, groups=groups, trained_steps=trained_steps,
                  scores=toy.score(batch["images"], prompts, metas, names=tuple(rewards)))
     return batch
 
@@ -125,18 +139,20 @@ def policy_step_loss(policy, batch, idx, j, advantages, args):
     embeds, pooled = batch["embeds"][idx], batch["pooled"][idx]
     with torch.autocast(x.device.type, torch.bfloat16, enabled=args.bf16):
         v = common.velocity(policy, x, sigmas[j], embeds, pooled, args.guidance, args.negative)
-        with torch.no_grad(), common.use_adapter(policy, None):  # base = adapter disabled, no second model
-            v_base = common.velocity(policy, x, sigmas[j], embeds, pooled, args.guidance, args.negative)
+        if args.beta > 0:  # beta = 0 saves the base forward
+            with torch.no_grad(), common.use_adapter(policy, None):  # base = adapter disabled, no second model
+                v_base = common.velocity(policy, x, sigmas[j], embeds, pooled, args.guidance, args.negative)
     _, log_prob, _, _ = common.sde_step(x, v, sigmas[j], sigmas[j + 1], sigmas[1], args.noise_level, x_next=x_next)
     policy_loss, ratio = ppo_clip_loss(log_prob, batch["log_probs"][idx, j], advantages, args.clip_range)
-    kl = common.step_kl(v, v_base, sigmas[j], sigmas[j + 1], sigmas[1], args.noise_level, args.kl_weighting).mean()
+    kl = common.step_kl(v, v_base, sigmas[j], sigmas[j + 1], sigmas[1], args.noise_level, args.kl_weighting).mean() \
+        if args.beta > 0 else torch.zeros(())
     return policy_loss + args.beta * kl, kl, ratio
 
 
 def train_on_epoch(policy, batch, advantages, informative, optimizer, args):
-    """One optimizer step per chunk of trajectories, gradients accumulated over its trained steps
-    (all but the last SDE step). Zero-variance groups are skipped. Returns the epoch's statistics."""
-    trained_steps = range(args.steps - 1)
+    """One optimizer step per chunk of trajectories, gradients accumulated over its trained (SDE)
+    steps. Zero-variance groups are skipped. Returns the epoch's statistics."""
+    trained_steps = batch["trained_steps"]
     stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_min": math.inf, "ratio_max": -math.inf, "updates": 0}
     params = [p for p in policy.parameters() if p.requires_grad]
     for start in range(0, len(advantages), args.train_batch_size):
@@ -170,12 +186,10 @@ def train_on_epoch(policy, batch, advantages, informative, optimizer, args):
 
 def default_prompt_files(rewards, dataset):
     """The train/test prompt files of the tasks the rewards judge (quality judges every prompt)."""
-    tasks = [t for t in ("geneval", "ocr") if t in rewards] or ["geneval", "ocr"]
-    files = {"geneval": ("geneval/train_metadata.jsonl", "geneval/test_metadata.jsonl"),
-             "ocr": ("ocr/train.txt", "ocr/test.txt")}
+    tasks = [t for t in common.DEFAULT_PROMPT_FILES if t in rewards] or list(common.DEFAULT_PROMPT_FILES)
     if not os.path.isdir(dataset) and dataset == "dataset":
         toy.write_prompt_files(dataset)  # the miniature world's prompt files, made on first use
-    return ([os.path.join(dataset, files[t][0]) for t in tasks], [os.path.join(dataset, files[t][1]) for t in tasks])
+    return [[os.path.join(dataset, common.DEFAULT_PROMPT_FILES[t][split]) for t in tasks] for split in ("train", "test")]
 
 
 def parse_args(argv=None):
@@ -192,6 +206,7 @@ def parse_args(argv=None):
     p.add_argument("--group-size", type=int, default=8)  # G rollouts per prompt (paper: 24)
     p.add_argument("--steps", type=int, default=10)  # SDE steps per rollout (paper: 10)
     p.add_argument("--noise-level", type=float, default=0.7)  # a of M1 (paper: 0.7)
+    p.add_argument("--sde-window", type=int, default=0)  # K > 0: only K SDE (trained) steps, Flow-GRPO-Fast (paper: 0)
     p.add_argument("--guidance", type=float, default=None)  # CFG of rollouts and training (paper: 4.5)
     p.add_argument("--resolution", type=int, default=None)  # pixels (default: the model's; paper: 512)
     p.add_argument("--clip-range", type=float, default=1e-4)  # PPO epsilon, mean-over-dims units (paper: 1e-4)
@@ -238,8 +253,10 @@ def main(argv=None):
         epoch, log = common.load_checkpoint(args.out, policy, optimizer, rng)
         print(f"resumed from {args.out}/checkpoint at epoch {epoch}")
     if epoch == 0:
-        log.append({"epoch": 0, "eval": evaluation.evaluate_policy(bundle, policy, "ema", test_items,
-                                                                  args.eval_steps, args.eval_guidance)})
+        log.append({"epoch": 0, "trajectories": 0, "eval": evaluation.evaluate_policy(
+            bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance)})
+        with open(os.path.join(args.out, "log.jsonl"), "w") as f:
+            f.write(json.dumps(log[0]) + "\n")
     bad_epochs = 0
     for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage1"):
         start = time.time()
@@ -257,7 +274,8 @@ def main(argv=None):
         if finite:
             common.update_ema(policy, args.ema)
         groups = batch["groups"]
-        record = {"epoch": epoch, "reward_mean": float(np.nanmean(reward)), "reward_std": float(np.nanstd(reward)),
+        record = {"epoch": epoch, "trajectories": epoch * args.prompts_per_epoch * args.group_size,
+                  "reward_mean": float(np.nanmean(reward)), "reward_std": float(np.nanstd(reward)),
                   **{f"reward_{n}": float(np.nanmean(v)) for n, v in batch["scores"].items()},
                   "skipped_groups": int(len(set(groups)) - len(set(groups[informative]))),
                   "seconds": time.time() - start, **(stats or {}), "skipped_update": not finite}

@@ -12,7 +12,10 @@ merge: one peft adapter from K teacher LoRAs dW_k = (alpha / r) B_k A_k with wei
          cross terms B_k A_l and scales matching terms by w_k^2), kept for comparison
 sft: each teacher samples its own task's training prompts (deterministic ODE, the model's eval
 settings); a fresh student LoRA is then fitted with the rectified-flow loss on the union.
-Both write OUT/adapter, a peft folder that stage3_opd.py takes as --init.
+bestofn: the released script's cold start (and, with one --reward, the miniature world's quick
+teachers): N base samples per prompt, the best by reward kept, a fresh LoRA fitted to them.
+    python stage2_coldstart.py bestofn --reward geneval --out runs/teacher-geneval
+All write OUT/adapter, a peft folder that stage3_opd.py takes as --init (or as a teacher).
 """
 import argparse
 import json
@@ -21,6 +24,7 @@ import random
 import shutil
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -93,15 +97,15 @@ def merge(args):
 
 
 @torch.no_grad()
-def teacher_samples(bundle, model, teachers, prompt_files, per_task, steps, guidance, seed, batch_size=32):
+def teacher_samples(bundle, model, teachers, items_by_task, per_task, steps, guidance, seed, batch_size=32):
     """For each task: `per_task` training prompts sampled with its teacher's deterministic ODE.
     Returns (final latents (K * per_task, C, h, w), their prompts)."""
     latents, prompts = [], []
     negative = bundle.encode([""]) if guidance != 1 else None
     sigmas = common.sampling_sigmas(bundle.scheduler, steps)
     shape = bundle.latent_shape(bundle.resolution)
-    for task, path in teachers.items():
-        items = common.load_prompts(prompt_files[task])
+    for task in teachers:
+        items = items_by_task[task]
         picked = [items[i][0] for i in random.Random(seed).sample(range(len(items)), min(per_task, len(items)))]
         with common.use_adapter(model, task):
             for start in tqdm(range(0, len(picked), batch_size), desc=f"sampling {task} teacher"):
@@ -115,18 +119,75 @@ def teacher_samples(bundle, model, teachers, prompt_files, per_task, steps, guid
     return torch.cat(latents), prompts
 
 
+@torch.no_grad()
+def best_of_n_samples(bundle, model, items, reward, n, steps, guidance, seed, batch_size=64):
+    """For each (prompt, metadata): n deterministic-ODE samples of the model (seeds differ), scored
+    by `reward` ("task": the reward of the prompt's own task), and the best kept. Returns (final
+    latents (P, C, h, w), prompts, best rewards, mean rewards)."""
+    negative = bundle.encode([""]) if guidance != 1 else None
+    sigmas = common.sampling_sigmas(bundle.scheduler, steps)
+    shape = bundle.latent_shape(bundle.resolution)
+    candidates = [(p, m, seed + 1000 * i + k) for i, (p, m) in enumerate(items) for k in range(n)]
+    latents, scores = [], []
+    for start in tqdm(range(0, len(candidates), batch_size), desc=f"best of {n}"):
+        part = candidates[start:start + batch_size]
+        prompts, metas = [p for p, _, _ in part], [m for _, m, _ in part]
+        embeds, pooled = bundle.encode(prompts)
+        with torch.autocast("cpu", torch.bfloat16):
+            run = common.rollout(model, embeds, pooled, shape, sigmas, [s for _, _, s in part], 0.0, guidance,
+                                 negative, bundle.decode)
+        names = ("geneval", "ocr") if reward == "task" else (reward,)
+        score = toy.score(run["images"], prompts, metas, names=names)
+        scores += np.nanmax(np.stack([score[k] for k in names]), 0).tolist()  # task: the one that applies
+        latents.append(run["states"][:, -1])
+    latents, scores = torch.cat(latents).unflatten(0, (len(items), n)), torch.tensor(scores).view(len(items), n)
+    best = scores.argmax(1)
+    return latents[torch.arange(len(items)), best], [p for p, _ in items], scores.max(1).values, scores.mean(1)
+
+
+def fit_adapter(bundle, model, latents, prompts, layout, args, guidance):
+    """Adds a fresh LoRA "student" (rank, alpha, targets = layout) to the PeftModel and fits it to
+    the (final latent, prompt) pairs with the rectified-flow loss (M6) on the velocity guided as the
+    samples were (so the fitted model reproduces them when sampled with that guidance). Returns the loss log."""
+    args.fit_guidance = guidance if args.fit_guidance is None else args.fit_guidance
+    from peft import LoraConfig
+    rank, alpha, targets = layout
+    model.add_adapter("student", LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+    model.set_adapter("student")
+    common.freeze_all_but(model, "student")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    embeds, pooled = bundle.encode(prompts)
+    negative = bundle.encode([""])
+    generator = random.Random(args.seed)
+    shift = bundle.scheduler.config.get("shift", 3.0)
+    log, start = [], time.time()
+    for step in tqdm(range(1, args.train_steps + 1), desc="fit"):
+        idx = torch.tensor([generator.randrange(len(prompts)) for _ in range(args.batch_size)])
+        loss = common.flow_matching_loss(model, latents[idx], embeds[idx], pooled[idx], shift, args.bf16,
+                                         args.fit_guidance, negative)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        log.append({"step": step, "loss": loss.item(), "seconds": time.time() - start})
+    return log
+
+
+def write_result(model, log, args, what):
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in log)
+    common.save_adapter(model, "student", os.path.join(args.out, "adapter"))
+    losses = [r["loss"] for r in log if "loss" in r][-20:]
+    print(f"wrote {args.out}/adapter ({what}; mean loss of the last 20 steps {sum(losses) / max(1, len(losses)):.4f})")
+
+
 def sft(args):
     from peft import PeftModel
     teachers = common.parse_teachers(args.teachers)
     common.check_same_layout(teachers)
-    files = {"geneval": os.path.join(args.dataset, "geneval/train_metadata.jsonl"),
-             "ocr": os.path.join(args.dataset, "ocr/train.txt")}
-    if args.dataset == "dataset" and not os.path.isdir(args.dataset):
-        toy.write_prompt_files(args.dataset)
-    files.update(dict(part.split("=", 1) for part in filter(None, args.train_prompts.split(","))))
-    missing = [t for t in teachers if t not in files]
-    if missing:
-        raise ValueError(f"no training prompt file for task(s) {missing}; pass --train-prompts task=FILE")
+    train_items = common.prompts_by_task(args.train_prompts, teachers, args.dataset, "train")
     torch.manual_seed(args.seed)
     bundle = common.load_model(args.model)
     guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
@@ -136,60 +197,68 @@ def sft(args):
     model = PeftModel.from_pretrained(bundle.transformer, teachers[names[0]], adapter_name=names[0])
     for name in names[1:]:
         common.load_adapter(model, teachers[name], name)
-    latents, prompts = teacher_samples(bundle, model, teachers, files, args.samples_per_task, steps, guidance, args.seed)
-    rank, alpha, targets = common.adapter_layout(teachers[names[0]])
-    from peft import LoraConfig
-    model.add_adapter("student", LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
-    model.set_adapter("student")
-    common.freeze_all_but(model, "student")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    embeds, pooled = bundle.encode(prompts)
-    generator = random.Random(args.seed)
-    shift = bundle.scheduler.config.get("shift", 3.0)
-    log, start = [], time.time()
-    for step in tqdm(range(1, args.train_steps + 1), desc="sft"):
-        idx = torch.tensor([generator.randrange(len(prompts)) for _ in range(args.batch_size)])
-        keep = torch.rand(len(idx)) >= args.caption_dropout  # keep the empty-prompt branch of CFG in tune
-        negative = bundle.encode([""])
-        batch_embeds = torch.where(keep[:, None, None], embeds[idx], negative[0].expand(len(idx), -1, -1))
-        batch_pooled = torch.where(keep[:, None], pooled[idx], negative[1].expand(len(idx), -1))
-        loss = common.flow_matching_loss(model, latents[idx], batch_embeds, batch_pooled, shift, args.bf16)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        log.append({"step": step, "loss": loss.item(), "seconds": time.time() - start})
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "log.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in log)
-    common.save_adapter(model, "student", os.path.join(args.out, "adapter"))
-    print(f"wrote {args.out}/adapter (SFT on {len(prompts)} teacher samples, final loss "
-          f"{sum(r['loss'] for r in log[-20:]) / len(log[-20:]):.4f} over the last 20 steps)")
+    latents, prompts = teacher_samples(bundle, model, teachers, train_items, args.samples_per_task, steps, guidance, args.seed)
+    log = fit_adapter(bundle, model, latents, prompts, common.adapter_layout(teachers[names[0]]), args, guidance)
+    write_result(model, log, args, f"SFT on {len(prompts)} teacher samples")
+
+
+def best_of_n(args):
+    """The released cold start (best-of-N base samples by each prompt's own reward, --reward task),
+    and the miniature world's quick teachers (one reward): rejection sampling, then SFT (M6)."""
+    if args.reward not in (*toy.REWARDS, "task"):
+        raise ValueError(f"unknown reward {args.reward!r}; expected one of {[*toy.REWARDS, 'task']}")
+    tasks = [args.reward] if args.reward in common.DEFAULT_PROMPT_FILES else list(common.DEFAULT_PROMPT_FILES)
+    by_task = common.prompts_by_task(args.train_prompts, tasks, args.dataset, "train")
+    rng = random.Random(args.seed)
+    items = [item for task in tasks for item in rng.sample(by_task[task], min(args.samples_per_task, len(by_task[task])))]
+    torch.manual_seed(args.seed)
+    bundle = common.load_model(args.model)
+    guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
+    model = common.add_lora(bundle.transformer, args.lora_rank, args.lora_alpha, name="unused")
+    cache = os.path.join(args.out, "samples.pt")  # the expensive part: kept, so a rerun only refits
+    if os.path.isfile(cache):
+        latents, prompts, best, mean = torch.load(cache).values()
+    else:
+        with common.use_adapter(model, None):  # the base model samples
+            latents, prompts, best, mean = best_of_n_samples(bundle, model, items, args.reward, args.n, args.sample_steps
+                                                             or bundle.defaults["eval_steps"], guidance, args.seed)
+        common.atomic_torch_save({"latents": latents, "prompts": prompts, "best": best, "mean": mean}, cache)
+    print(f"best-of-{args.n} {args.reward} reward: {best.mean():.3f} (a random sample: {mean.mean():.3f})")
+    log = [{"prompts": len(items), "n": args.n, "best_reward": best.mean().item(), "mean_reward": mean.mean().item()}]
+    layout = (args.lora_rank, args.lora_alpha, ["to_q", "to_k", "to_v", "to_out.0"])
+    log += fit_adapter(bundle, model, latents, prompts, layout, args, guidance)
+    model.delete_adapter("unused")
+    write_result(model, log, args, f"SFT on the best of {args.n} base samples of {len(items)} prompts")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=["merge", "sft"])  # the cold start
+    p.add_argument("method", choices=["merge", "sft", "bestofn"])  # the cold start
     p.add_argument("--model", default="miniature/base")  # base model folder or hub id (paper: SD3.5-M)
-    p.add_argument("--teachers", required=True)  # task=peft_folder,... (Stage 1 adapters or published LoRAs)
+    p.add_argument("--teachers", default="")  # task=peft_folder,... (Stage 1 adapters or published LoRAs)
+    p.add_argument("--reward", default="task")  # bestofn: the ranking reward ("task": each prompt's own)
+    p.add_argument("--n", type=int, default=8)  # bestofn: base samples per prompt
+    p.add_argument("--lora-rank", type=int, default=32)  # bestofn: LoRA rank (paper: 32)
+    p.add_argument("--lora-alpha", type=int, default=64)  # bestofn: LoRA alpha (paper: 64)
     p.add_argument("--out", required=True)  # run folder; the result is OUT/adapter
     p.add_argument("--rule", choices=["delta", "svd", "ab"], default="delta")  # merge rule (M6)
     p.add_argument("--weights", default="")  # merge weights in --teachers order (default: uniform)
     p.add_argument("--svd-rank", type=int, default=None)  # rank of the svd merge (default: the teachers')
     p.add_argument("--dataset", default="dataset")  # folder of the default training prompt files
-    p.add_argument("--train-prompts", default="")  # task=FILE,... overriding the dataset's files
-    p.add_argument("--samples-per-task", type=int, default=256)  # teacher samples per task for SFT
+    p.add_argument("--train-prompts", default="")  # comma-separated prompt files (default: the teachers' tasks')
+    p.add_argument("--samples-per-task", type=int, default=256)  # sft: teacher samples per task; bestofn: prompts per task
     p.add_argument("--sample-steps", type=int, default=None)  # teacher ODE steps (default: the model's eval steps)
     p.add_argument("--guidance", type=float, default=None)  # CFG of the teacher samples (default: the model's)
     p.add_argument("--train-steps", type=int, default=200)  # SFT optimizer steps
     p.add_argument("--batch-size", type=int, default=32)  # SFT batch size
     p.add_argument("--lr", type=float, default=3e-4)  # SFT learning rate
-    p.add_argument("--caption-dropout", type=float, default=0.1)  # fraction of SFT samples trained unconditioned
+    p.add_argument("--fit-guidance", type=float, default=None)  # CFG of the fitted velocity (default: the samples')
     p.add_argument("--no-bf16", dest="bf16", action="store_false")  # fp32 instead of bf16 autocast
     p.add_argument("--seed", type=int, default=0)  # prompt choice, noise
     args = p.parse_args(argv)
-    merge(args) if args.method == "merge" else sft(args)
+    if args.method != "bestofn" and not args.teachers:
+        p.error(f"{args.method} needs --teachers task=peft_folder,...")
+    {"merge": merge, "sft": sft, "bestofn": best_of_n}[args.method](args)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from tqdm import tqdm
 
 import common
 import eval as evaluation
-import toy
 
 # ----------------------------------------------------------------------------------------------
 # The per-step objectives (M4)
@@ -190,24 +189,6 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
 # ----------------------------------------------------------------------------------------------
 
 
-def prompt_files(tasks, dataset, train_override, test_override):
-    """{task: (train file, test file)}: the dataset's miniature files unless overridden (task=FILE,...)."""
-    defaults = {"geneval": ("geneval/train_metadata.jsonl", "geneval/test_metadata.jsonl"),
-                "ocr": ("ocr/train.txt", "ocr/test.txt")}
-    if dataset == "dataset" and not os.path.isdir(dataset):
-        toy.write_prompt_files(dataset)  # the miniature world's prompt files, made on first use
-    train = dict(part.split("=", 1) for part in filter(None, train_override.split(",")))
-    test = dict(part.split("=", 1) for part in filter(None, test_override.split(",")))
-    files = {}
-    for task in tasks:
-        if task not in defaults and (task not in train or task not in test):
-            raise ValueError(f"no prompt files for task {task!r}; pass --train-prompts {task}=FILE and "
-                             f"--test-prompts {task}=FILE")
-        files[task] = (train.get(task) or os.path.join(dataset, defaults[task][0]),
-                       test.get(task) or os.path.join(dataset, defaults[task][1]))
-    return files
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="miniature/base")  # base model folder or hub id (paper: SD3.5-M)
@@ -220,8 +201,8 @@ def parse_args(argv=None):
     p.add_argument("--mar-lambda", type=float, default=0.04)  # lambda of M5 (released: 0.04); 0 turns MAR off
     p.add_argument("--schedule", choices=["sample", "epoch"], default="sample")  # per-sample routing or one task per epoch
     p.add_argument("--dataset", default="dataset")  # folder of the default prompt files
-    p.add_argument("--train-prompts", default="")  # task=FILE,... overriding the dataset's training prompts
-    p.add_argument("--test-prompts", default="")  # task=FILE,... overriding the dataset's test prompts
+    p.add_argument("--train-prompts", default="")  # comma-separated prompt files (default: the teachers' tasks')
+    p.add_argument("--test-prompts", default="")  # comma-separated prompt files (default: the teachers' tasks')
     p.add_argument("--out", required=True)  # run folder: log, grids, checkpoint, final adapter
     p.add_argument("--epochs", type=int, default=20)  # sampling/training epochs
     p.add_argument("--rollouts-per-epoch", type=int, default=32)  # on-policy trajectories per epoch (one prompt each)
@@ -252,12 +233,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     teachers = common.parse_teachers(args.teachers)
-    files = prompt_files(teachers, args.dataset, args.train_prompts, args.test_prompts)
-    train_items = {task: common.load_prompts(train) for task, (train, _) in files.items()}
-    test_items = [item for _, test in files.values() for item in common.load_prompts(test)]
-    for items in train_items.values():  # every training prompt must route to a teacher (a clear error now, not mid-run)
-        for prompt, meta in items:
-            common.route(prompt, meta, set(teachers))
+    train_items = common.prompts_by_task(args.train_prompts, teachers, args.dataset, "train")
+    test_items = [item for items in common.prompts_by_task(args.test_prompts, teachers, args.dataset, "test").values()
+                  for item in items]
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     bundle = common.load_model(args.model)
@@ -277,6 +255,8 @@ def main(argv=None):
     if epoch == 0:
         log.append({"epoch": 0, "trajectories": 0, "eval": evaluation.evaluate_policy(
             bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance)})
+        with open(os.path.join(args.out, "log.jsonl"), "w") as f:
+            f.write(json.dumps(log[0]) + "\n")
     bad_epochs = 0
     for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage3"):
         start = time.time()

@@ -106,9 +106,9 @@ def test_resume_reproduces_the_next_epoch(tiny_model_dir, prompt_files, tmp_path
     stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "part", "--epochs", "2", "--resume"))
     full = [json.loads(line) for line in open(tmp_path / "full" / "log.jsonl")]
     part = [json.loads(line) for line in open(tmp_path / "part" / "log.jsonl")]
-    assert [r["epoch"] for r in part] == [1, 2]
+    assert [r["epoch"] for r in part] == [0, 1, 2] and "eval" in part[0]
     for key in ("reward_mean", "loss", "kl", "ratio_min", "ratio_max", "eval"):
-        assert part[1].get(key) == full[1].get(key), key
+        assert part[2].get(key) == full[2].get(key), key
     assert os.path.isfile(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
     assert os.path.isfile(tmp_path / "full" / "samples_epoch0002.png")
 
@@ -143,3 +143,25 @@ def test_resume_from_a_checkpoint_of_another_lora_is_a_clear_error(tiny_model_di
     with pytest.raises(ValueError, match="does not fit this model and LoRA"):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "run", "--epochs", "2", "--resume",
                               "--lora-rank", "8"))
+
+
+def test_sde_window_shares_a_group_start_and_trains_only_window_steps(tiny_model_dir, prompt_files, tmp_path):
+    args = stage1.parse_args(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--sde-window", "1", "--steps", "4"))
+    args.rewards = stage1.parse_rewards(args.reward)
+    bundle = common.load_model(args.model)
+    args.guidance, args.negative = 4.5, bundle.encode([""])
+    policy = common.make_policy(bundle.transformer, 4, 8)
+    batch = stage1.sample_epoch(policy, bundle, common.load_prompts(prompt_files[0]), args.rewards, args,
+                                random.Random(0), seed=0)
+    (j,) = batch["trained_steps"]
+    assert 0 <= j < 2  # the window lies in the first half
+    states, groups = batch["states"], batch["groups"]
+    same_group = torch.as_tensor(groups[:, None] == groups[None, :])
+    for step in range(j + 1):  # identical until the window's noise, distinct after it within a group
+        assert torch.equal(states[:4, step], states[:1, step].expand(4, *states.shape[2:]))
+    assert not torch.equal(states[0, j + 1], states[1, j + 1]) and same_group[0, 1]
+    assert not torch.equal(states[0, 0], states[4, 0])  # groups start apart
+    log_probs = batch["log_probs"]
+    assert (log_probs[:, [s for s in range(4) if s != j]] == 0).all() and (log_probs[:, j] != 0).all()
+    _, _, ratio = stage1.policy_step_loss(policy, batch, torch.arange(4), j, torch.ones(4), args)
+    assert torch.equal(ratio, torch.ones(4))

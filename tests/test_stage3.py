@@ -39,14 +39,15 @@ def adapters(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompt_files(tmp_path_factory):
+    """{"train": "geneval.jsonl,ocr.txt", "test": ...}: small prompt files of both tasks."""
     folder = tmp_path_factory.mktemp("prompts")
     items = toy.all_geneval_items("colors") + toy.all_geneval_items("position")
     random.Random(0).shuffle(items)
     files = {}
-    for split, part in (("train", items[:12]), ("test", items[12:14])):
+    for split, part, words in (("train", items[:12], ("AB", "KEY", "TEA", "RED")), ("test", items[12:14], ("AB", "YE"))):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(m) + "\n" for m in part))
-        (folder / f"{split}.txt").write_text("".join(toy.ocr_prompt(w) + "\n" for w in ("AB", "KEY", "TEA", "RED")[:4 if split == "train" else 2]))
-        files[split] = f"geneval={folder / f'{split}.jsonl'},ocr={folder / f'{split}.txt'}"
+        (folder / f"{split}.txt").write_text("".join(toy.ocr_prompt(w) + "\n" for w in words))
+        files[split] = f"{folder / f'{split}.jsonl'},{folder / f'{split}.txt'}"
     return files
 
 
@@ -179,7 +180,7 @@ def test_stage3_runs_with_mar_off_and_resume_reproduces_the_next_epoch(tiny_mode
     stage3.main(stage3_args(tiny_model_dir, adapters, prompt_files, tmp_path / "nomar", "--epochs", "1",
                             "--mar-lambda", "0", "--objective", "ppo", "--gamma", "0.9"))
     log = [json.loads(line) for line in open(tmp_path / "nomar" / "log.jsonl")]
-    assert log[0]["kl_anchor"] == 0 and log[0]["ratio_min"] == log[0]["ratio_max"] == 1.0
+    assert log[1]["kl_anchor"] == 0 and log[1]["ratio_min"] == log[1]["ratio_max"] == 1.0
     common_args = ("--anchor", adapters["quality"], "--init", adapters["geneval"], "--schedule", "epoch")
     stage3.main(stage3_args(tiny_model_dir, adapters, prompt_files, tmp_path / "full", "--epochs", "2", *common_args))
     stage3.main(stage3_args(tiny_model_dir, adapters, prompt_files, tmp_path / "part", "--epochs", "1", *common_args))
@@ -187,9 +188,9 @@ def test_stage3_runs_with_mar_off_and_resume_reproduces_the_next_epoch(tiny_mode
                             *common_args))
     full = [json.loads(line) for line in open(tmp_path / "full" / "log.jsonl")]
     part = [json.loads(line) for line in open(tmp_path / "part" / "log.jsonl")]
-    assert [r["task"] for r in full] == ["geneval", "ocr"]
+    assert [r.get("task") for r in full] == [None, "geneval", "ocr"]
     for key in ("loss", "kl_teacher_ocr", "kl_anchor", "eval"):
-        assert part[1][key] == full[1][key], key
+        assert part[2][key] == full[2][key], key
     assert os.path.isfile(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
     assert os.path.isfile(tmp_path / "full" / "samples_epoch0002.png")
 
@@ -207,7 +208,6 @@ def test_stage3_bad_input_is_a_clear_error(tiny_model_dir, adapters, prompt_file
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         run(teachers=f"geneval={adapters['geneval']},ocr={tmp_path / 'missing'}")
     with pytest.raises(ValueError, match="routes to task 'ocr', but the teachers are \\['geneval'\\]"):
-        run("--train-prompts", prompt_files["train"].split(",")[1].replace("ocr=", "geneval="),
-            teachers=f"geneval={adapters['geneval']}")
+        run(teachers=f"geneval={adapters['geneval']}")
     with pytest.raises(SystemExit):
         run("--mar-lambda", "-1")

@@ -1,0 +1,160 @@
+"""The whole Flow-OPD method in the miniature world, one command, and the paper's table.
+
+    python pipeline.py            # the full run (see README for its measured time) -> results/
+    python pipeline.py --quick    # the same steps with tiny budgets, a smoke test -> results-quick/
+
+Steps, each cached (a finished step is skipped, an interrupted one resumes from its checkpoint):
+  1. the prompt files                         toy.py prompts
+  2. Stage 1 teachers: geneval, ocr, quality  stage1_grpo.py --reward ...
+  3. the GRPO-Mix baseline                    stage1_grpo.py --reward geneval=0.5,ocr=0.5
+  4. Stage 2 cold starts: merge and SFT       stage2_coldstart.py merge / sft
+  5. Stage 3 OPD with MAR, and the ablations  stage3_opd.py (no MAR, no cold start)
+  6. every row scored on the same prompts     eval.py
+Writes OUT/table.md, OUT/table.json, OUT/grid.png (one column per model), OUT/curve.png (test score
+against sampled trajectories, GRPO-Mix vs Flow-OPD), OUT/adapters/<row>/ and OUT/commands.sh.
+"""
+import argparse
+import json
+import os
+import shutil
+import time
+
+import common
+import eval as evaluation
+import stage1_grpo
+import stage2_coldstart
+import stage3_opd
+import toy
+
+# The budgets. FULL trains every model in minutes on a 2-core CPU; QUICK only checks the wiring.
+TEACHER = ["--sde-window", "2", "--lr", "1e-3", "--train-batch-size", "16", "--clip-range", "1e-3", "--ema", "0.8"]
+FULL = {"teacher": [*TEACHER, "--epochs", "40", "--eval-every", "10"],
+        "mix": [*TEACHER, "--epochs", "40", "--eval-every", "10"],
+        "sft": ["--samples-per-task", "128", "--train-steps", "150"],
+        "opd": ["--epochs", "20", "--eval-every", "5"]}
+QUICK = {"teacher": [*TEACHER, "--epochs", "1", "--prompts-per-epoch", "2", "--group-size", "4", "--steps", "4",
+                     "--train-batch-size", "8", "--eval-every", "1", "--eval-steps", "4"],
+         "sft": ["--samples-per-task", "8", "--train-steps", "3", "--batch-size", "8", "--sample-steps", "4"],
+         "opd": ["--epochs", "1", "--rollouts-per-epoch", "8", "--train-batch-size", "8", "--steps", "4",
+                 "--eval-steps", "4"]}
+QUICK["mix"] = QUICK["teacher"]
+NAMES = ("base", "teacher-geneval", "teacher-ocr", "teacher-quality", "grpo-mix", "opd-merge", "opd-sft",
+         "opd-no-mar", "opd-no-coldstart")
+
+
+def plan(runs, budget, model, dataset):
+    """[(row name, script, argv)] in dependency order; each run writes runs/<name>/adapter."""
+    def out(name):
+        return os.path.join(runs, name)
+    teachers = f"geneval={out('teacher-geneval')}/adapter,ocr={out('teacher-ocr')}/adapter"
+    anchor = f"{out('teacher-quality')}/adapter"
+    shared = ["--model", model, "--dataset", dataset]
+    return [
+        ("teacher-geneval", stage1_grpo, [*shared, "--reward", "geneval", *budget["teacher"]]),
+        ("teacher-ocr", stage1_grpo, [*shared, "--reward", "ocr", *budget["teacher"]]),
+        ("teacher-quality", stage1_grpo, [*shared, "--reward", "quality", *budget["teacher"]]),
+        ("grpo-mix", stage1_grpo, [*shared, "--reward", "geneval=0.5,ocr=0.5", "--mix", "sum", *budget["mix"]]),
+        ("coldstart-merge", stage2_coldstart, ["merge", "--model", model, "--teachers", teachers, "--rule", "delta"]),
+        ("coldstart-sft", stage2_coldstart, ["sft", *shared, "--teachers", teachers, *budget["sft"]]),
+        ("opd-merge", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor,
+                                   "--init", f"{out('coldstart-merge')}/adapter", *budget["opd"]]),
+        ("opd-sft", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor,
+                                 "--init", f"{out('coldstart-sft')}/adapter", *budget["opd"]]),
+        ("opd-no-mar", stage3_opd, [*shared, "--teachers", teachers, "--mar-lambda", "0",
+                                    "--init", f"{out('coldstart-merge')}/adapter", *budget["opd"]]),
+        ("opd-no-coldstart", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor, *budget["opd"]]),
+    ]
+
+
+def quick_test_files(dataset, folder):
+    """Every 8th GenEval test prompt (2 per category) and every 8th OCR test prompt, as prompt files."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for task, split in common.DEFAULT_PROMPT_FILES.items():
+        source = os.path.join(dataset, split["test"])
+        path = os.path.join(folder, os.path.basename(source))
+        with open(source) as f, open(path, "w") as out:
+            out.writelines(line for i, line in enumerate(f) if i % 8 == 0)
+        paths.append(path)
+    return ",".join(paths)
+
+
+def run_step(name, script, argv, runs):
+    """Runs one step unless its adapter exists; an interrupted step resumes. Returns (command, minutes)."""
+    folder = os.path.join(runs, name)
+    resumable = script is not stage2_coldstart
+    argv = [*argv, "--out", folder, *(["--resume"] if resumable else [])]
+    command = f"python {os.path.basename(script.__file__)} {' '.join(argv)}"
+    timing = os.path.join(folder, "minutes.json")
+    if os.path.isdir(os.path.join(folder, "adapter")):
+        print(f"[cached] {name}")
+        return command, json.load(open(timing))["minutes"] if os.path.isfile(timing) else None
+    print(f"[run] {command}")
+    start = time.time()
+    script.main(argv)
+    minutes = (time.time() - start) / 60
+    with open(timing, "w") as f:
+        json.dump({"minutes": minutes}, f)
+    return command, minutes
+
+
+def curve_png(runs, path):
+    """Test scores (GenEval strict, OCR, and their mean) against sampled trajectories, GRPO-Mix vs Flow-OPD."""
+    series = {}
+    for name, label in (("grpo-mix", "GRPO-Mix"), ("opd-merge", "Flow-OPD (merge)")):
+        points = []
+        log = os.path.join(runs, name, "log.jsonl")
+        for record in (json.loads(line) for line in open(log)) if os.path.isfile(log) else []:
+            if "eval" in record:
+                e = record["eval"]
+                points.append((record.get("trajectories", 0), (e["geneval_strict"] + e["ocr"]) / 2))
+        series[label] = points
+    common.line_chart(series, path, x_label="sampled trajectories", y_label="mean of GenEval strict and OCR")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")  # tiny budgets: a smoke test of every step (CI runs it)
+    p.add_argument("--model", default="miniature/base")  # the base model
+    p.add_argument("--out", default=None)  # results folder (default: results/, or results-quick/ with --quick)
+    p.add_argument("--runs", default=None)  # run folders (default: runs/, or runs-quick/ with --quick)
+    args = p.parse_args(argv)
+    out = args.out or ("results-quick" if args.quick else "results")
+    runs = args.runs or ("runs-quick" if args.quick else "runs")
+    dataset = "dataset"
+    if not os.path.isdir(dataset):
+        toy.write_prompt_files(dataset)
+    budget, test_files = FULL, ""
+    if args.quick:  # a few test prompts of every task, so that the many evaluations take seconds
+        test_files = quick_test_files(dataset, os.path.join(runs, "test-prompts"))
+        budget = {k: v + (["--test-prompts", test_files] if k != "sft" else []) for k, v in QUICK.items()}
+    started = time.time()
+    commands, minutes = {}, {}
+    for name, script, step_argv in plan(runs, budget, args.model, dataset):
+        commands[name], minutes[name] = run_step(name, script, step_argv, runs)
+    rows = [(name, os.path.join(runs, name, "adapter")) for name in NAMES[1:]]
+    eval_argv = ["--model", args.model, "--adapters", ",".join(f"{n}={a}" for n, a in rows), "--out", out,
+                 *(["--steps", "4", "--test-prompts", test_files] if args.quick else [])]
+    evaluation.main(eval_argv)
+    table = json.load(open(os.path.join(out, "eval.json")))
+    for row in table:
+        row["geneval_partial"], row["geneval"] = row["geneval"], row["geneval_strict"]
+        row["command"] = commands.get(row["model"], "(the shipped base, no training)")
+        row["train_minutes"] = minutes.get(row["model"])
+        if row["adapter"]:
+            row["adapter"] = os.path.join(out, "adapters", row["model"])
+            shutil.copytree(os.path.join(runs, row["model"], "adapter"), row["adapter"], dirs_exist_ok=True)
+    with open(os.path.join(out, "table.json"), "w") as f:
+        json.dump(table, f, indent=1)
+    with open(os.path.join(out, "commands.sh"), "w") as f:
+        f.write(f"# produced by: python pipeline.py{' --quick' if args.quick else ''} (every seed is 0)\n")
+        f.writelines(f"{commands[n]}\n" for n, _, _ in plan(runs, budget, args.model, dataset))
+        f.write(f"python eval.py {' '.join(eval_argv)}\n")
+    curve_png(runs, os.path.join(out, "curve.png"))
+    print(open(os.path.join(out, "table.md")).read())
+    print(f"pipeline done in {(time.time() - started) / 60:.1f} min; wrote {out}/table.md, table.json, grid.png, "
+          f"curve.png, adapters/, commands.sh")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""The one-command pipeline in --quick mode on the shipped base: every step runs, caching works, and
+the table has the rows and keys other tools read."""
+import json
+import os
+
+import pipeline
+
+
+def test_quick_pipeline_writes_the_table_and_caches_its_steps(tmp_path, capsys):
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    pipeline.main(["--quick", "--out", str(out), "--runs", str(runs)])
+    table = json.load(open(out / "table.json"))
+    assert [row["model"] for row in table] == list(pipeline.NAMES)
+    for row in table:
+        for key in ("geneval", "ocr", "quality", "average", "adapter", "command", "geneval/position"):
+            assert key in row, (row["model"], key)
+        assert 0 <= row["geneval"] <= 1 and 0 <= row["ocr"] <= 1
+        if row["model"] != "base":
+            assert os.path.isfile(os.path.join(row["adapter"], "adapter_model.safetensors"))
+            assert row["command"].startswith("python ")
+    for name in ("table.md", "grid.png", "curve.png", "commands.sh"):
+        assert os.path.isfile(out / name), name
+    capsys.readouterr()
+    pipeline.main(["--quick", "--out", str(out), "--runs", str(runs)])  # a rerun only re-scores
+    assert capsys.readouterr().out.count("[cached]") == 10

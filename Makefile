@@ -1,4 +1,4 @@
-# Two commands do all set-up: `make demo` (the main job) and `make test` (the test suite).
+# Two commands do all set-up: `make demo` (the main job: pipeline.py) and `make test` (the test suite).
 PY := .venv/bin/python
 
 .venv/installed: requirements.txt
@@ -7,9 +7,12 @@ PY := .venv/bin/python
 	touch .venv/installed
 
 demo: .venv/installed
+	$(PY) pipeline.py
+
+sample: .venv/installed
 	$(PY) toy.py sample --model miniature/base --out results/base
 
 test: .venv/installed
 	$(PY) -m pytest -q tests
 
-.PHONY: demo test
+.PHONY: demo sample test

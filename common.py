@@ -554,6 +554,48 @@ def load_checkpoint(folder, policy, optimizer, rng):
     return state["epoch"], state["log"]
 
 
+def sampling_defaults(args, bundle):
+    """Fills the guidance and eval settings left unset with the model's, and the negative prompt."""
+    args.guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
+    args.eval_guidance = args.eval_guidance if args.eval_guidance is not None else bundle.defaults["guidance_scale"]
+    args.eval_steps = args.eval_steps or bundle.defaults["eval_steps"]
+    args.negative = bundle.encode([""]) if args.guidance != 1 else None
+
+
+def start_run(args, policy, optimizer, rng, evaluate):
+    """Resumes from OUT/checkpoint with --resume, else starts OUT/log.jsonl with the untrained
+    policy's test scores (`evaluate(None)`). Returns (last finished epoch, log)."""
+    os.makedirs(args.out, exist_ok=True)
+    if args.resume and os.path.isdir(os.path.join(args.out, "checkpoint")):
+        epoch, log = load_checkpoint(args.out, policy, optimizer, rng)
+        print(f"resumed from {args.out}/checkpoint at epoch {epoch}")
+        return epoch, log
+    log = [{"epoch": 0, "trajectories": 0, "eval": evaluate(None)}]
+    with open(os.path.join(args.out, "log.jsonl"), "w") as f:
+        f.write(json.dumps(log[0]) + "\n")
+    return 0, log
+
+
+def end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate):
+    """The stages' shared end of an epoch: every --eval-every epochs (and at the last) the test scores
+    (`evaluate(png_path)`) and an atomic checkpoint; the record appended to the log and OUT/log.jsonl;
+    a clear stop after --max-bad-epochs non-finite epochs in a row, the last good checkpoint kept."""
+    epoch = record["epoch"]
+    due = epoch % args.eval_every == 0 or epoch == args.epochs
+    if due:
+        record["eval"] = evaluate(os.path.join(args.out, f"samples_epoch{epoch:04d}.png"))
+    log.append(record)
+    from tqdm import tqdm
+    tqdm.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}))
+    with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if bad_epochs >= args.max_bad_epochs:
+        raise SystemExit(f"stopping: {bad_epochs} epochs in a row had a non-finite loss or reward; the last "
+                         f"good checkpoint is {args.out}/checkpoint")
+    if finite and due:
+        save_checkpoint(args.out, policy, optimizer, epoch, rng, log)
+
+
 def shift_sigmas(sigma, shift):
     """The SD3 time shift sigma' = shift sigma / (1 + (shift - 1) sigma), as the scheduler applies it."""
     return shift * sigma / (1 + (shift - 1) * sigma)

@@ -5,10 +5,11 @@
 
 Steps, each cached (a finished step is skipped, an interrupted one resumes from its checkpoint):
   1. the prompt files                         toy.py prompts
-  2. Stage 1 teachers: geneval, ocr, quality  stage1_grpo.py --reward ...
-  3. the GRPO-Mix baseline                    stage1_grpo.py --reward geneval=0.5,ocr=0.5
+  2. teachers: geneval and ocr specialists     toy.py specialist (GRPO is too slow here: README)
+     and the quality anchor                   stage1_grpo.py --reward quality
+  3. baselines: GRPO-Mix and SFT-Mix           stage1_grpo.py --reward geneval=0.5,ocr=0.5; toy.py specialist --task all
   4. Stage 2 cold starts: merge and SFT       stage2_coldstart.py merge / sft
-  5. Stage 3 OPD with MAR, and the ablations  stage3_opd.py (no MAR, no cold start)
+  5. Stage 3 OPD with MAR, and the ablations  stage3_opd.py (no MAR, no cold start, ppo, per-epoch schedule)
   6. every row scored on the same prompts     eval.py
 Writes OUT/table.md, OUT/table.json, OUT/grid.png (one column per model), OUT/curve.png (test score
 against sampled trajectories, GRPO-Mix vs Flow-OPD), OUT/adapters/<row>/ and OUT/commands.sh.
@@ -27,42 +28,50 @@ import stage3_opd
 import toy
 
 # The budgets. FULL trains every model in minutes on a 2-core CPU; QUICK only checks the wiring.
-TEACHER = ["--sde-window", "2", "--lr", "1e-3", "--train-batch-size", "16", "--clip-range", "1e-3", "--ema", "0.8"]
-FULL = {"teacher": [*TEACHER, "--epochs", "40", "--eval-every", "10"],
-        "mix": [*TEACHER, "--epochs", "40", "--eval-every", "10"],
-        "sft": ["--samples-per-task", "128", "--train-steps", "150"],
-        "opd": ["--epochs", "20", "--eval-every", "5"]}
-QUICK = {"teacher": [*TEACHER, "--epochs", "1", "--prompts-per-epoch", "2", "--group-size", "4", "--steps", "4",
-                     "--train-batch-size", "8", "--eval-every", "1", "--eval-steps", "4"],
-         "sft": ["--samples-per-task", "8", "--train-steps", "3", "--batch-size", "8", "--sample-steps", "4"],
+GRPO = ["--sde-window", "2", "--lr", "1e-3", "--train-batch-size", "16", "--clip-range", "1e-3", "--ema", "0.8"]
+FULL = {"geneval": ["--steps", "300", "--lr", "1e-3"], "ocr": ["--steps", "480", "--lr", "1e-3"],
+        "all": ["--steps", "480", "--lr", "1e-3"],
+        "grpo": [*GRPO, "--epochs", "12", "--eval-every", "4"],
+        "sft": ["--samples-per-task", "128", "--train-steps", "100"],
+        "opd": ["--epochs", "8", "--eval-every", "4"]}
+QUICK = {"geneval": ["--steps", "2", "--batch-size", "4"], "ocr": ["--steps", "2", "--batch-size", "4"],
+         "all": ["--steps", "2", "--batch-size", "4"],
+         "grpo": [*GRPO, "--epochs", "1", "--prompts-per-epoch", "2", "--group-size", "4", "--steps", "4",
+                  "--train-batch-size", "8", "--eval-every", "1", "--eval-steps", "4"],
+         "sft": ["--samples-per-task", "8", "--train-steps", "2", "--batch-size", "8", "--sample-steps", "4"],
          "opd": ["--epochs", "1", "--rollouts-per-epoch", "8", "--train-batch-size", "8", "--steps", "4",
                  "--eval-steps", "4"]}
-QUICK["mix"] = QUICK["teacher"]
-NAMES = ("base", "teacher-geneval", "teacher-ocr", "teacher-quality", "grpo-mix", "opd-merge", "opd-sft",
-         "opd-no-mar", "opd-no-coldstart")
+NAMES = ("base", "teacher-geneval", "teacher-ocr", "teacher-quality", "grpo-mix", "sft-mix", "opd-merge", "opd-sft",
+         "opd-no-mar", "opd-no-coldstart", "opd-ppo", "opd-schedule")
 
 
 def plan(runs, budget, model, dataset):
-    """[(row name, script, argv)] in dependency order; each run writes runs/<name>/adapter."""
+    """[(row name, script, argv)] in dependency order; each run writes runs/<name>/adapter. The task
+    teachers are render specialists (toy.py specialist): Stage 1 GRPO does not move this model in
+    minutes (README, "Stage 1 in the miniature world"); quality and GRPO-Mix are Stage 1 GRPO runs."""
     def out(name):
         return os.path.join(runs, name)
     teachers = f"geneval={out('teacher-geneval')}/adapter,ocr={out('teacher-ocr')}/adapter"
     anchor = f"{out('teacher-quality')}/adapter"
     shared = ["--model", model, "--dataset", dataset]
+    merge = ["--init", f"{out('coldstart-merge')}/adapter"]
     return [
-        ("teacher-geneval", stage1_grpo, [*shared, "--reward", "geneval", *budget["teacher"]]),
-        ("teacher-ocr", stage1_grpo, [*shared, "--reward", "ocr", *budget["teacher"]]),
-        ("teacher-quality", stage1_grpo, [*shared, "--reward", "quality", *budget["teacher"]]),
-        ("grpo-mix", stage1_grpo, [*shared, "--reward", "geneval=0.5,ocr=0.5", "--mix", "sum", *budget["mix"]]),
+        ("teacher-geneval", toy, ["specialist", "--task", "geneval", *shared, *budget["geneval"]]),
+        ("teacher-ocr", toy, ["specialist", "--task", "ocr", *shared, *budget["ocr"]]),
+        ("teacher-quality", stage1_grpo, [*shared, "--reward", "quality", *budget["grpo"]]),
+        ("grpo-mix", stage1_grpo, [*shared, "--reward", "geneval=0.5,ocr=0.5", "--mix", "sum", *budget["grpo"]]),
+        ("sft-mix", toy, ["specialist", "--task", "all", *shared, *budget["all"]]),
         ("coldstart-merge", stage2_coldstart, ["merge", "--model", model, "--teachers", teachers, "--rule", "delta"]),
         ("coldstart-sft", stage2_coldstart, ["sft", *shared, "--teachers", teachers, *budget["sft"]]),
-        ("opd-merge", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor,
-                                   "--init", f"{out('coldstart-merge')}/adapter", *budget["opd"]]),
+        ("opd-merge", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor, *merge, *budget["opd"]]),
         ("opd-sft", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor,
                                  "--init", f"{out('coldstart-sft')}/adapter", *budget["opd"]]),
-        ("opd-no-mar", stage3_opd, [*shared, "--teachers", teachers, "--mar-lambda", "0",
-                                    "--init", f"{out('coldstart-merge')}/adapter", *budget["opd"]]),
+        ("opd-no-mar", stage3_opd, [*shared, "--teachers", teachers, "--mar-lambda", "0", *merge, *budget["opd"]]),
         ("opd-no-coldstart", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor, *budget["opd"]]),
+        ("opd-ppo", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor, *merge, "--objective", "ppo",
+                                 *budget["opd"]]),
+        ("opd-schedule", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor, *merge,
+                                      "--schedule", "epoch", *budget["opd"]]),
     ]
 
 
@@ -82,7 +91,7 @@ def quick_test_files(dataset, folder):
 def run_step(name, script, argv, runs):
     """Runs one step unless its adapter exists; an interrupted step resumes. Returns (command, minutes)."""
     folder = os.path.join(runs, name)
-    resumable = script is not stage2_coldstart
+    resumable = script in (stage1_grpo, stage3_opd)
     argv = [*argv, "--out", folder, *(["--resume"] if resumable else [])]
     command = f"python {os.path.basename(script.__file__)} {' '.join(argv)}"
     timing = os.path.join(folder, "minutes.json")
@@ -127,7 +136,7 @@ def main(argv=None):
     budget, test_files = FULL, ""
     if args.quick:  # a few test prompts of every task, so that the many evaluations take seconds
         test_files = quick_test_files(dataset, os.path.join(runs, "test-prompts"))
-        budget = {k: v + (["--test-prompts", test_files] if k != "sft" else []) for k, v in QUICK.items()}
+        budget = {k: v + (["--test-prompts", test_files] if k in ("grpo", "opd") else []) for k, v in QUICK.items()}
     started = time.time()
     commands, minutes = {}, {}
     for name, script, step_argv in plan(runs, budget, args.model, dataset):

@@ -11,7 +11,6 @@ KL to the base model (the adapter disabled). Defaults train a miniature teacher 
 2-core CPU; the paper's SD3.5-M settings are given next to each flag.
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -235,10 +234,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     bundle = common.load_model(args.model)
-    args.guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
-    args.eval_guidance = args.eval_guidance if args.eval_guidance is not None else bundle.defaults["guidance_scale"]
-    args.eval_steps = args.eval_steps or bundle.defaults["eval_steps"]
-    args.negative = bundle.encode([""]) if args.guidance != 1 else None
+    common.sampling_defaults(args, bundle)
     train_files, test_files = default_prompt_files(args.rewards, args.dataset)
     train_files = args.train_prompts.split(",") if args.train_prompts else train_files
     test_files = args.test_prompts.split(",") if args.test_prompts else test_files
@@ -247,16 +243,9 @@ def main(argv=None):
 
     policy = common.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
-    os.makedirs(args.out, exist_ok=True)
-    epoch, log = 0, []
-    if args.resume and os.path.isdir(os.path.join(args.out, "checkpoint")):
-        epoch, log = common.load_checkpoint(args.out, policy, optimizer, rng)
-        print(f"resumed from {args.out}/checkpoint at epoch {epoch}")
-    if epoch == 0:
-        log.append({"epoch": 0, "trajectories": 0, "eval": evaluation.evaluate_policy(
-            bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance)})
-        with open(os.path.join(args.out, "log.jsonl"), "w") as f:
-            f.write(json.dumps(log[0]) + "\n")
+    def evaluate(png):
+        return evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance, png)
+    epoch, log = common.start_run(args, policy, optimizer, rng, evaluate)
     bad_epochs = 0
     for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage1"):
         start = time.time()
@@ -279,18 +268,7 @@ def main(argv=None):
                   **{f"reward_{n}": float(np.nanmean(v)) for n, v in batch["scores"].items()},
                   "skipped_groups": int(len(set(groups)) - len(set(groups[informative]))),
                   "seconds": time.time() - start, **(stats or {}), "skipped_update": not finite}
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
-            record["eval"] = evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps,
-                                                        args.eval_guidance, f"{args.out}/samples_epoch{epoch:04d}.png")
-        log.append(record)
-        tqdm.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}))
-        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if bad_epochs >= args.max_bad_epochs:
-            raise SystemExit(f"stopping: {bad_epochs} epochs in a row had a non-finite loss or reward; the last "
-                             f"good checkpoint is {args.out}/checkpoint")
-        if finite and (epoch % args.eval_every == 0 or epoch == args.epochs):
-            common.save_checkpoint(args.out, policy, optimizer, epoch, rng, log)
+        common.end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate)
     common.save_adapter(policy, "ema", os.path.join(args.out, "adapter"))
     print(f"wrote {args.out}/adapter (the EMA teacher, peft format)")
 

@@ -17,7 +17,6 @@ updated to reduce
 Teachers, anchor and student are adapters on ONE base model. No reward model runs during training.
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -183,6 +182,8 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         stats["updates"] += 1
+    if args.objective == "pathwise":  # no policy ratio; and JSON has no infinity
+        del stats["ratio_min"], stats["ratio_max"]
     return stats
 
 
@@ -239,24 +240,14 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     bundle = common.load_model(args.model)
-    args.guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
-    args.eval_guidance = args.eval_guidance if args.eval_guidance is not None else bundle.defaults["guidance_scale"]
-    args.eval_steps = args.eval_steps or bundle.defaults["eval_steps"]
-    args.negative = bundle.encode([""]) if args.guidance != 1 else None
+    common.sampling_defaults(args, bundle)
 
     policy = common.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha, init=args.init)
     teacher_of, anchor_name = load_guides(policy, teachers, args.anchor)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
-    os.makedirs(args.out, exist_ok=True)
-    epoch, log = 0, []
-    if args.resume and os.path.isdir(os.path.join(args.out, "checkpoint")):
-        epoch, log = common.load_checkpoint(args.out, policy, optimizer, rng)
-        print(f"resumed from {args.out}/checkpoint at epoch {epoch}")
-    if epoch == 0:
-        log.append({"epoch": 0, "trajectories": 0, "eval": evaluation.evaluate_policy(
-            bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance)})
-        with open(os.path.join(args.out, "log.jsonl"), "w") as f:
-            f.write(json.dumps(log[0]) + "\n")
+    def evaluate(png):
+        return evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance, png)
+    epoch, log = common.start_run(args, policy, optimizer, rng, evaluate)
     bad_epochs = 0
     for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage3"):
         start = time.time()
@@ -271,18 +262,7 @@ def main(argv=None):
             common.update_ema(policy, args.ema)
         record = {"epoch": epoch, "trajectories": epoch * args.rollouts_per_epoch, "task": task or "mixed",
                   "seconds": time.time() - start, **stats, "skipped_update": not finite}
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
-            record["eval"] = evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps,
-                                                        args.eval_guidance, f"{args.out}/samples_epoch{epoch:04d}.png")
-        log.append(record)
-        tqdm.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}))
-        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if bad_epochs >= args.max_bad_epochs:
-            raise SystemExit(f"stopping: {bad_epochs} epochs in a row had a non-finite loss; the last good "
-                             f"checkpoint is {args.out}/checkpoint")
-        if finite and (epoch % args.eval_every == 0 or epoch == args.epochs):
-            common.save_checkpoint(args.out, policy, optimizer, epoch, rng, log)
+        common.end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate)
     common.save_adapter(policy, "ema", os.path.join(args.out, "adapter"))
     print(f"wrote {args.out}/adapter (the EMA student, peft format)")
 

@@ -700,6 +700,48 @@ Deterministic ODE, {args.eval_steps} steps, CFG {args.guidance}, seeds 0..159 (`
 """
 
 
+def specialist(args):
+    """A task specialist of the miniature world: a LoRA fitted with the rectified-flow loss to fresh
+    renders of one task's training prompts ("all": both tasks, the multi-task baseline). It stands in
+    for a GRPO teacher where GRPO needs far more samples than minutes give (README, Stage 1)."""
+    import torch
+    from tqdm import tqdm
+    import common
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    tasks = list(common.DEFAULT_PROMPT_FILES) if args.task == "all" else [args.task]
+    if args.task not in (*common.DEFAULT_PROMPT_FILES, "all"):
+        raise ValueError(f"unknown task {args.task!r}; expected one of {[*common.DEFAULT_PROMPT_FILES, 'all']}")
+    items = [item for task in tasks for item in common.prompts_by_task("", [task], args.dataset, "train")[task]]
+    bundle = common.load_model(args.model)
+    from safetensors.torch import load_file
+    codec = load_file(os.path.join(args.model, "latent.safetensors"))
+    policy = common.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    empty = bundle.encode([""])
+    log, start = [], time.time()
+    for step in tqdm(range(1, args.steps + 1), desc=f"specialist {args.task}"):
+        picked = [items[rng.randrange(len(items))] for _ in range(args.batch_size)]
+        images = np.stack([np.asarray(render(p, m, rng)) for p, m in picked])
+        x0 = common.pca_encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, codec)
+        embeds, pooled = bundle.encode([p for p, _ in picked])
+        keep = torch.rand(len(picked)) >= args.caption_dropout  # keeps CFG's empty-prompt branch in tune
+        embeds = torch.where(keep[:, None, None], embeds, empty[0].expand_as(embeds))
+        pooled = torch.where(keep[:, None], pooled, empty[1].expand_as(pooled))
+        loss = common.flow_matching_loss(policy, x0, embeds, pooled, bundle.scheduler.config.shift)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        log.append({"step": step, "loss": loss.item(), "seconds": time.time() - start})
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in log)
+    common.save_adapter(policy, "student", os.path.join(args.out, "adapter"))
+    print(f"wrote {args.out}/adapter ({args.task} specialist, {args.steps} steps, {(time.time() - start) / 60:.1f} min)")
+
+
 def sample(args):
     """Samples a grid from a model and scores it on the test split."""
     from common import image_grid, load_model
@@ -780,6 +822,19 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)  # seeds are seed + prompt index
     p.add_argument("--dataset-seed", type=int, default=0)  # which test split
     p.set_defaults(func=sample)
+    p = sub.add_parser("specialist", help="fit a task-specialist LoRA to renders (the quick teachers)")
+    p.add_argument("--task", required=True)  # geneval, ocr, or all (both: the multi-task baseline)
+    p.add_argument("--model", default="miniature/base")  # base model folder
+    p.add_argument("--dataset", default="dataset")  # folder of the prompt files (train split used)
+    p.add_argument("--out", required=True)  # run folder; the result is OUT/adapter
+    p.add_argument("--steps", type=int, default=200)  # optimizer steps
+    p.add_argument("--batch-size", type=int, default=32)  # renders per step
+    p.add_argument("--lr", type=float, default=5e-4)  # AdamW learning rate
+    p.add_argument("--lora-rank", type=int, default=32)  # LoRA rank (the teachers' layout)
+    p.add_argument("--lora-alpha", type=int, default=64)  # LoRA alpha
+    p.add_argument("--caption-dropout", type=float, default=0.1)  # empty-prompt rate, as in pretraining
+    p.add_argument("--seed", type=int, default=0)  # renders, noise
+    p.set_defaults(func=specialist)
     p = sub.add_parser("latent-study", help="measure a small PCA latent space against pixel space")
     p.set_defaults(func=latent_study)
     args = parser.parse_args(argv)

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import eval as evaluation
 import toy
 
 
@@ -52,12 +53,8 @@ def parse_weights(text, k):
 def merge_peft(transformer, teachers, weights, rule, svd_rank=None):
     """The weighted merge of teacher adapters as a PeftModel whose adapter "merged" holds it
     (rule "delta": exact sum of w_k dW_k; "svd": its rank-`svd_rank` truncation)."""
-    from peft import PeftModel
     names = list(teachers)
-    common.check_adapter_fits(transformer, teachers[names[0]])
-    model = PeftModel.from_pretrained(transformer, teachers[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        common.load_adapter(model, teachers[name], name)
+    model = evaluation.load_adapters(transformer, list(teachers.items()))
     combination = {"delta": "cat", "svd": "svd"}[rule]
     model.add_weighted_adapter(names, weights, "merged", combination_type=combination,
                                svd_rank=svd_rank if rule == "svd" else None)
@@ -127,6 +124,7 @@ def best_of_n_samples(bundle, model, items, reward, n, steps, guidance, seed, ba
     negative = bundle.encode([""]) if guidance != 1 else None
     sigmas = common.sampling_sigmas(bundle.scheduler, steps)
     shape = bundle.latent_shape(bundle.resolution)
+    names = ("geneval", "ocr") if reward == "task" else (reward,)
     candidates = [(p, m, seed + 1000 * i + k) for i, (p, m) in enumerate(items) for k in range(n)]
     latents, scores = [], []
     for start in tqdm(range(0, len(candidates), batch_size), desc=f"best of {n}"):
@@ -136,7 +134,6 @@ def best_of_n_samples(bundle, model, items, reward, n, steps, guidance, seed, ba
         with torch.autocast("cpu", torch.bfloat16):
             run = common.rollout(model, embeds, pooled, shape, sigmas, [s for _, _, s in part], 0.0, guidance,
                                  negative, bundle.decode)
-        names = ("geneval", "ocr") if reward == "task" else (reward,)
         score = toy.score(run["images"], prompts, metas, names=names)
         scores += np.nanmax(np.stack([score[k] for k in names]), 0).tolist()  # task: the one that applies
         latents.append(run["states"][:, -1])
@@ -184,7 +181,6 @@ def write_result(model, log, args, what):
 
 
 def sft(args):
-    from peft import PeftModel
     teachers = common.parse_teachers(args.teachers)
     common.check_same_layout(teachers)
     train_items = common.prompts_by_task(args.train_prompts, teachers, args.dataset, "train")
@@ -192,13 +188,9 @@ def sft(args):
     bundle = common.load_model(args.model)
     guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
     steps = args.sample_steps or bundle.defaults["eval_steps"]
-    names = list(teachers)
-    common.check_adapter_fits(bundle.transformer, teachers[names[0]])
-    model = PeftModel.from_pretrained(bundle.transformer, teachers[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        common.load_adapter(model, teachers[name], name)
+    model = evaluation.load_adapters(bundle.transformer, list(teachers.items()))
     latents, prompts = teacher_samples(bundle, model, teachers, train_items, args.samples_per_task, steps, guidance, args.seed)
-    log = fit_adapter(bundle, model, latents, prompts, common.adapter_layout(teachers[names[0]]), args, guidance)
+    log = fit_adapter(bundle, model, latents, prompts, common.adapter_layout(next(iter(teachers.values()))), args, guidance)
     write_result(model, log, args, f"SFT on {len(prompts)} teacher samples")
 
 

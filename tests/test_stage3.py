@@ -211,3 +211,19 @@ def test_stage3_bad_input_is_a_clear_error(tiny_model_dir, adapters, prompt_file
         run(teachers=f"geneval={adapters['geneval']}")
     with pytest.raises(SystemExit):
         run("--mar-lambda", "-1")
+
+
+def test_best_of_n_keeps_each_prompts_best_sample_and_caches_them(tiny_model_dir, prompt_files, tmp_path):
+    argv = ["bestofn", "--model", tiny_model_dir, "--reward", "task", "--train-prompts", prompt_files["train"],
+            "--samples-per-task", "2", "--n", "3", "--sample-steps", "2", "--train-steps", "2", "--batch-size", "2",
+            "--lora-rank", "4", "--lora-alpha", "8", "--out", str(tmp_path / "bon")]
+    stage2.main(argv)
+    cached = torch.load(tmp_path / "bon" / "samples.pt")
+    assert len(cached["prompts"]) == 4 and cached["latents"].shape[0] == 4
+    assert (cached["best"] >= cached["mean"]).all()
+    log = [json.loads(line) for line in open(tmp_path / "bon" / "log.jsonl")]
+    assert log[0]["n"] == 3 and len(log) == 3
+    stage2.main(argv)  # a rerun refits from the cached samples
+    assert torch.equal(torch.load(tmp_path / "bon" / "samples.pt")["latents"], cached["latents"])
+    with pytest.raises(ValueError, match="unknown reward 'aesthetic'"):
+        stage2.main([*argv[:4], "aesthetic", *argv[5:]])

@@ -37,7 +37,42 @@ class ModelBundle:
     resolution: int                     # the model's native resolution in pixels
     kind: str                           # "miniature" or "sd3"
     path: str
-    defaults: dict = dataclasses.field(default_factory=lambda: {"eval_steps": 40, "guidance_scale": 4.5})  # paper's
+    defaults: dict = dataclasses.field(default_factory=lambda: {"eval_steps": 40, "guidance_scale": 4.5,  # paper's
+                                                                "lora_targets": FLOW_GRPO_LORA_TARGETS})
+
+
+# The published Flow-GRPO teachers' LoRA layout (r 32, alpha 64, Gaussian init) on SD3's joint attention
+FLOW_GRPO_LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                          "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
+MINIATURE_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # what the miniature results were trained with
+
+
+def add_model_arguments(p):
+    """The flags every stage and eval.py share to choose and place the base model."""
+    p.add_argument("--model", default="miniature/base")  # miniature folder, SD3 pipeline folder or hub id (paper: stabilityai/stable-diffusion-3.5-medium)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")  # where everything runs
+    p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default=None)  # frozen base weights (default: bf16 on GPU, fp32 on CPU); LoRA stays fp32
+    p.add_argument("--gradient-checkpointing", action="store_true")  # recompute transformer blocks in backward: less memory, ~1.3x time
+    p.add_argument("--resolution", type=int, default=None)  # image side in pixels (default: the model's; paper: 512)
+    p.add_argument("--lora-targets", default=None)  # comma-separated LoRA modules of a new adapter (default: the model's; SD3: Flow-GRPO's 8)
+
+
+def load_model_from_args(args):
+    """load_model with the flags of add_model_arguments; fills args.resolution and args.lora_targets."""
+    dtype = args.model_dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
+    bundle = load_model(args.model, args.device, getattr(torch, dtype))
+    if args.gradient_checkpointing:
+        bundle.transformer.enable_gradient_checkpointing()
+    if args.resolution is not None:
+        factor = bundle.resolution // bundle.latent_shape(bundle.resolution)[-1]
+        patch = bundle.transformer.config.patch_size * factor
+        if args.resolution <= 0 or args.resolution % patch:
+            raise ValueError(f"--resolution {args.resolution} is not a positive multiple of {patch} (VAE factor "
+                             f"{factor} x patch size); expected e.g. {bundle.resolution}")
+        bundle = dataclasses.replace(bundle, resolution=args.resolution)
+    args.resolution = bundle.resolution
+    args.lora_targets = tuple(args.lora_targets.split(",")) if args.lora_targets else bundle.defaults["lora_targets"]
+    return bundle
 
 
 def load_model(path_or_id, device="cpu", dtype=torch.float32, text_encoder_3=True):
@@ -80,7 +115,8 @@ def load_miniature(folder, device="cpu", dtype=torch.float32):
 
     return ModelBundle(transformer, scheduler, encode, decode, miniature_latent_shape(transformer, codec),
                        config["resolution"], "miniature", str(folder),
-                       {"eval_steps": config["eval_steps"], "guidance_scale": config["guidance_scale"]})
+                       {"eval_steps": config["eval_steps"], "guidance_scale": config["guidance_scale"],
+                        "lora_targets": MINIATURE_LORA_TARGETS})
 
 
 def miniature_latent_shape(transformer, codec):
@@ -150,7 +186,7 @@ def load_sd3(path_or_id, device="cpu", dtype=torch.float32, text_encoder_3=True,
 
     factor = pipe.vae_scale_factor
     channels = pipe.transformer.config.in_channels
-    resolution = pipe.transformer.config.sample_size * factor
+    resolution = min(512, pipe.transformer.config.sample_size * factor)  # the paper trains SD3.5-M at 512 px
     return ModelBundle(pipe.transformer, pipe.scheduler, encode, decode,
                        lambda res: (channels, res // factor, res // factor), resolution, "sd3", str(path_or_id))
 
@@ -369,7 +405,7 @@ def prompts_by_task(files, tasks, dataset, split):
 # LoRA adapters on ONE base model (peft): a trainable student, frozen named teachers
 
 
-def add_lora(transformer, rank=32, alpha=64, targets=("to_q", "to_k", "to_v", "to_out.0"), name="student"):
+def add_lora(transformer, rank=32, alpha=64, targets=FLOW_GRPO_LORA_TARGETS, name="student"):
     """Wraps the transformer in a PeftModel with one trainable LoRA adapter `name` (the paper's
     rank 32 / alpha 64 on the attention projections). Returns the PeftModel: call it like the
     transformer; it also accepts adapter_names=[...] for per-sample mixed-adapter batches."""
@@ -380,7 +416,8 @@ def add_lora(transformer, rank=32, alpha=64, targets=("to_q", "to_k", "to_v", "t
 
 def load_adapter(peft_model, folder, name):
     """Loads a frozen adapter from a peft folder (adapter_config.json + adapter_model.safetensors,
-    the layout of the published Flow-GRPO LoRAs) and restores the previously active adapter."""
+    the layout of the published Flow-GRPO LoRAs; or their hub id) and restores the previously active adapter."""
+    folder = resolve_adapter(folder)
     if not os.path.isfile(os.path.join(str(folder), "adapter_config.json")):
         raise FileNotFoundError(f"adapter folder {str(folder)!r} has no adapter_config.json; expected a peft "
                                 f"folder with adapter_config.json and adapter_model.safetensors")
@@ -421,6 +458,7 @@ def parse_teachers(text):
     teachers = {}
     for part in filter(None, text.split(",")):
         task, sep, path = part.partition("=")
+        path = resolve_adapter(path) if path else path
         if not sep or not task or not path:
             raise ValueError(f"cannot parse {part!r} in --teachers {text!r}; expected task=peft_folder,task=peft_folder")
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
@@ -479,27 +517,58 @@ def use_adapter(peft_model, name):
 
 
 def save_adapter(peft_model, name, folder):
-    """Writes adapter `name` as a peft folder, atomically (a crash never leaves a half-written one)."""
-    atomic_write_dir(folder, lambda tmp: peft_model.save_pretrained(tmp, selected_adapters=[name]),
-                     subfolder=name if name != "default" else None)
+    """Writes adapter `name` atomically as a peft folder (adapter_config.json + adapter_model.safetensors,
+    the published Flow-GRPO layout) that also holds pytorch_lora_weights.safetensors, the same weights in
+    diffusers' format, so `StableDiffusion3Pipeline.load_lora_weights(folder)` works too."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import get_peft_model_state_dict
+
+    def write(tmp):
+        peft_model.save_pretrained(tmp, selected_adapters=[name])
+        where = os.path.join(tmp, name) if name != "default" else tmp
+        state = {f"{key.removeprefix('base_model.model.')}": value.contiguous() for key, value in
+                 get_peft_model_state_dict(peft_model, adapter_name=name).items()}
+        StableDiffusion3Pipeline.save_lora_weights(where, transformer_lora_layers=state,
+                                                   transformer_lora_adapter_metadata=peft_model.peft_config[name].to_dict())
+    atomic_write_dir(folder, write, subfolder=name if name != "default" else None)
+
+
+def resolve_adapter(path_or_id):
+    """A peft adapter folder from a local path or a hub id such as 'jieliu/SD3.5M-FlowGRPO-GenEval' (the
+    published Flow-GRPO teachers): the hub cache first, then a download."""
+    path = str(path_or_id)
+    if os.path.exists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        return path
+    from huggingface_hub import snapshot_download
+    patterns = ["adapter_config.json", "adapter_model.safetensors"]
+    try:
+        return snapshot_download(path, allow_patterns=patterns, local_files_only=True)
+    except Exception:
+        try:
+            return snapshot_download(path, allow_patterns=patterns)
+        except Exception as err:
+            raise FileNotFoundError(f"adapter {path!r} is not a local folder and could not be fetched from the hub "
+                                    f"({type(err).__name__}); expected a peft folder or a hub id like "
+                                    f"'jieliu/SD3.5M-FlowGRPO-GenEval'") from None
 
 
 # ----------------------------------------------------------------------------------------------
 # Training state shared by the stages: the student, its EMA, checkpoints, the flow-matching loss
 
 
-def make_policy(transformer, rank=32, alpha=64, init=None):
+def make_policy(transformer, rank=32, alpha=64, init=None, targets=FLOW_GRPO_LORA_TARGETS):
     """A PeftModel with the trainable adapter "student" (a fresh LoRA, or the peft folder `init`,
     e.g. a Stage 2 cold start) and "ema", its moving average (what is evaluated and published)."""
     if init:
         from peft import PeftModel
+        init = resolve_adapter(init)
         if not os.path.isfile(os.path.join(str(init), "adapter_config.json")):
             raise FileNotFoundError(f"initial adapter folder {str(init)!r} has no adapter_config.json; expected a "
                                     f"peft folder (e.g. a stage2_coldstart.py output)")
         check_adapter_fits(transformer, init)
         policy = PeftModel.from_pretrained(transformer, str(init), adapter_name="student", is_trainable=True)
     else:
-        policy = add_lora(transformer, rank, alpha)
+        policy = add_lora(transformer, rank, alpha, targets)
     policy.add_adapter("ema", policy.peft_config["student"])
     params = dict(policy.named_parameters())
     with torch.no_grad():

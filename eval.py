@@ -16,9 +16,12 @@ import numpy as np
 import torch
 
 import common
+import rewards
 import toy
 
-COLUMNS = ("geneval_strict", "ocr", "quality")
+COLUMN_OF = {"geneval": "geneval_strict", "ocr": "ocr", "quality": "quality", "deqa": "deqa", "pickscore": "pickscore"}
+TITLE = {"geneval_strict": "GenEval (strict)", "ocr": "OCR", "quality": "quality", "deqa": "DeQA / 5",
+         "pickscore": "PickScore / 26"}
 
 
 def parse_adapters(text):
@@ -46,32 +49,35 @@ def load_adapters(transformer, adapters):
     return model
 
 
-def evaluate_policy(bundle, policy, adapter, items, steps, guidance, out_png=None):
+def evaluate_policy(bundle, policy, adapter, items, steps, guidance, out_png=None, score=None, names=toy.REWARDS):
     """Test scores of `policy` (a PeftModel) with `adapter` active: the stages' periodic evaluation.
-    Deterministic ODE; prompt i uses seed i, as in the table. Optionally writes a sample grid."""
+    Deterministic ODE; prompt i uses seed i, as in the table. Optionally writes a sample grid.
+    `score`/`names`: the scorer and rewards (rewards.from_args), default the miniature world's."""
     with common.use_adapter(policy, adapter):
-        result, images = toy.evaluate(dataclasses.replace(bundle, transformer=policy), items, steps, guidance)
+        result, images = toy.evaluate(dataclasses.replace(bundle, transformer=policy), items, steps, guidance,
+                                      scorer=score, names=names)
     if out_png:
         common.image_grid(images[::max(1, len(images) // 32)][:32], 8).save(out_png)
     return result
 
 
-def row_scores(scores, metas):
+def row_scores(scores, metas, columns):
     """toy.summarize plus the average of the table's columns."""
     row = toy.summarize(scores, metas)
-    row["average"] = float(np.mean([row[c] for c in COLUMNS if c in row and np.isfinite(row[c])]))
+    row["average"] = float(np.mean([row[c] for c in columns if c in row and np.isfinite(row[c])]))
     return row
 
 
-def markdown_table(rows):
-    head = "| model | GenEval (strict) | OCR | quality | average |\n|---|---|---|---|---|\n"
-    return head + "".join(f"| {r['model']} | " + " | ".join(f"{r.get(c, float('nan')):.3f}" for c in (*COLUMNS, "average"))
+def markdown_table(rows, columns):
+    head = "| model | " + " | ".join(TITLE[c] for c in columns) + " | average |\n" + "|---" * (len(columns) + 2) + "|\n"
+    return head + "".join(f"| {r['model']} | " + " | ".join(f"{r.get(c, float('nan')):.3f}" for c in (*columns, "average"))
                           + " |\n" for r in rows)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="miniature/base")  # base model folder or hub id
+    common.add_model_arguments(p)  # --model, --device, --model-dtype, --resolution (others unused here)
+    rewards.add_arguments(p)  # --eval-rewards (default: the world's columns), --pickscore-model, --geneval-url, ...
     p.add_argument("--adapters", default="")  # name=peft_folder,...; a row "base" (no adapter) comes first
     p.add_argument("--no-base-row", action="store_true")  # leave the base model's row out
     p.add_argument("--test-prompts", default="dataset/geneval/test_metadata.jsonl,dataset/ocr/test.txt")  # files
@@ -87,29 +93,31 @@ def main(argv=None):
         toy.write_prompt_files("dataset")  # the miniature world's prompt files, made on first use
     items = [item for f in files for item in common.load_prompts(f)]
     prompts, metas = [p for p, _ in items], [m for _, m in items]
-    bundle = common.load_model(args.model)
+    bundle = common.load_model_from_args(args)
+    score, names = rewards.from_args(args, bundle)
+    columns = [COLUMN_OF[n] for n in names]
     steps = args.steps or bundle.defaults["eval_steps"]
     guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
     model = load_adapters(bundle.transformer, adapters)
     runs = ([] if args.no_base_row else [("base", None)]) + adapters
-    rows, columns = [], []
+    rows, shown_images = [], []
     shown = np.linspace(0, len(items) - 1, min(args.grid_prompts, len(items))).round().astype(int)
     for name, path in runs:
         with common.use_adapter(model, None if path is None else name) if adapters else torch.no_grad():
             images = toy.sample_images(dataclasses.replace(bundle, transformer=model), prompts,
                                        [args.seed + i for i in range(len(prompts))], steps, guidance)
         rows.append({"model": name, "adapter": path, "steps": steps, "guidance_scale": guidance, "seed": args.seed,
-                     **row_scores(toy.score(images, prompts, metas), metas)})
-        columns.append(images[shown])
-        print(markdown_table(rows[-1:]).splitlines()[-1])
+                     **row_scores(score(images, prompts, metas, names=names), metas, columns)})
+        shown_images.append(images[shown])
+        print(markdown_table(rows[-1:], columns).splitlines()[-1])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(rows, f, indent=1)
     with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(markdown_table(rows))
-    grid = torch.stack(columns, 1).flatten(0, 1)  # row = prompt, column = model
+        f.write(markdown_table(rows, columns))
+    grid = torch.stack(shown_images, 1).flatten(0, 1)  # row = prompt, column = model
     common.image_grid(grid, len(runs)).save(os.path.join(args.out, "grid.png"))
-    print(markdown_table(rows))
+    print(markdown_table(rows, columns))
     print(f"wrote {args.out}/eval.json, table.md and grid.png (columns: {', '.join(n for n, _ in runs)})")
 
 

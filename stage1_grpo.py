@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import common
 import eval as evaluation
+import rewards
 import toy
 
 # ----------------------------------------------------------------------------------------------
@@ -33,8 +34,7 @@ def parse_rewards(text):
     weights = {}
     for part in text.split(","):
         name, _, weight = part.strip().partition("=")
-        if name not in toy.REWARDS:
-            raise ValueError(f"unknown reward {name!r} in --reward {text!r}; expected names from {list(toy.REWARDS)}")
+        rewards.check_names([name], f"--reward {text!r}")
         try:
             weights[name] = float(weight) if weight else 1.0
         except ValueError:
@@ -112,14 +112,14 @@ def sample_epoch(policy, bundle, items, rewards, args, rng, seed):
     levels = [args.noise_level if j in trained_steps else 0.0 for j in range(args.steps)]
     embeds, pooled = bundle.encode(prompts)
     sigmas = common.sampling_sigmas(bundle.scheduler, args.steps)
-    shape = bundle.latent_shape(args.resolution or bundle.resolution)
+    shape = bundle.latent_shape(bundle.resolution)
     groups = np.repeat(np.arange(len(picked)), args.group_size)
     batch = common.rollout_chunks(policy, embeds, pooled, shape, sigmas, [seed + i for i in range(len(prompts))],
                                   args.train_batch_size, levels if args.sde_window > 0 else args.noise_level,
                                   args.guidance, args.negative, bundle.decode, args.bf16,
                                   [seed + 7919 * (g + 1) for g in groups] if args.sde_window > 0 else None)
     batch.update(prompts=prompts, metas=metas, embeds=embeds, pooled=pooled, groups=groups, trained_steps=trained_steps,
-                 scores=toy.score(batch["images"], prompts, metas, names=tuple(rewards)))
+                 scores=args.score(batch["images"], prompts, metas, names=tuple(rewards)))
     return batch
 
 
@@ -193,7 +193,8 @@ def default_prompt_files(rewards, dataset):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="miniature/base")  # base model folder or hub id (paper: SD3.5-M)
+    common.add_model_arguments(p)  # --model, --device, --model-dtype, --gradient-checkpointing, --resolution, --lora-targets
+    rewards.add_arguments(p)  # --pickscore-model, --geneval-url, --deqa-url, ... (the real world's scorers)
     p.add_argument("--reward", default="geneval")  # one reward = a teacher; name=w,name=w = GRPO-Mix
     p.add_argument("--mix", choices=["sum", "advantage", "alternate"], default="sum")  # GRPO-Mix rule
     p.add_argument("--train-prompts", default=None)  # comma-separated prompt files (default: by reward)
@@ -207,7 +208,6 @@ def parse_args(argv=None):
     p.add_argument("--noise-level", type=float, default=0.7)  # a of M1 (paper: 0.7)
     p.add_argument("--sde-window", type=int, default=0)  # K > 0: only K SDE (trained) steps, Flow-GRPO-Fast (paper: 0)
     p.add_argument("--guidance", type=float, default=None)  # CFG of rollouts and training (paper: 4.5)
-    p.add_argument("--resolution", type=int, default=None)  # pixels (default: the model's; paper: 512)
     p.add_argument("--clip-range", type=float, default=1e-4)  # PPO epsilon, mean-over-dims units (paper: 1e-4)
     p.add_argument("--adv-clip", type=float, default=5.0)  # advantage clamp (paper: 5)
     p.add_argument("--beta", type=float, default=0.04)  # KL-to-base weight (paper: 0.04)
@@ -233,7 +233,8 @@ def main(argv=None):
     args.rewards = parse_rewards(args.reward)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    bundle = common.load_model(args.model)
+    bundle = common.load_model_from_args(args)
+    args.score, args.eval_rewards = rewards.from_args(args, bundle)
     common.sampling_defaults(args, bundle)
     train_files, test_files = default_prompt_files(args.rewards, args.dataset)
     train_files = args.train_prompts.split(",") if args.train_prompts else train_files
@@ -241,21 +242,22 @@ def main(argv=None):
     train_items = [item for f in train_files for item in common.load_prompts(f)]
     test_items = [item for f in test_files for item in common.load_prompts(f)]
 
-    policy = common.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha)
+    policy = common.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha, targets=args.lora_targets)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
     def evaluate(png):
-        return evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance, png)
+        return evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance, png,
+                                          args.score, args.eval_rewards)
     epoch, log = common.start_run(args, policy, optimizer, rng, evaluate)
     bad_epochs = 0
     for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage1"):
         start = time.time()
-        rewards, items = args.rewards, train_items
+        epoch_rewards, items = args.rewards, train_items
         if args.mix == "alternate" and len(args.rewards) > 1:  # the released per-epoch task schedule
             task = list(args.rewards)[(epoch - 1) % len(args.rewards)]
-            rewards = {task: 1.0}
+            epoch_rewards = {task: 1.0}
             items = [it for it in train_items if common.route(it[0], it[1], {"geneval", "ocr"}) == task] or train_items
-        batch = sample_epoch(policy, bundle, items, rewards, args, rng, seed=args.seed * 100003 + epoch * 1009)
-        reward, advantages, informative = advantages_of(batch, rewards, args.mix)
+        batch = sample_epoch(policy, bundle, items, epoch_rewards, args, rng, seed=args.seed * 100003 + epoch * 1009)
+        reward, advantages, informative = advantages_of(batch, epoch_rewards, args.mix)
         stats = train_on_epoch(policy, batch, advantages, informative, optimizer, args) \
             if np.isfinite(advantages).all() else None
         finite = stats is not None and math.isfinite(stats["loss"])

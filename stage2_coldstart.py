@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import common
 import eval as evaluation
-import toy
+import rewards
 
 
 def parse_weights(text, k):
@@ -82,7 +82,7 @@ def merge(args):
     if args.rule == "ab":
         merge_ab(teachers, weights, out)
     else:
-        bundle = common.load_model(args.model)
+        bundle = common.load_model_from_args(args)
         model = merge_peft(bundle.transformer, teachers, weights, args.rule,
                            args.svd_rank or common.adapter_layout(next(iter(teachers.values())))[0])
         common.save_adapter(model, "merged", out)
@@ -108,7 +108,7 @@ def teacher_samples(bundle, model, teachers, items_by_task, per_task, steps, gui
             for start in tqdm(range(0, len(picked), batch_size), desc=f"sampling {task} teacher"):
                 part = picked[start:start + batch_size]
                 embeds, pooled = bundle.encode(part)
-                with torch.autocast("cpu", torch.bfloat16):
+                with torch.autocast(embeds.device.type, torch.bfloat16):
                     run = common.rollout(model, embeds, pooled, shape, sigmas, [seed + start + i for i in range(len(part))],
                                          0.0, guidance, negative)
                 latents.append(run["states"][:, -1])
@@ -117,7 +117,7 @@ def teacher_samples(bundle, model, teachers, items_by_task, per_task, steps, gui
 
 
 @torch.no_grad()
-def best_of_n_samples(bundle, model, items, reward, n, steps, guidance, seed, batch_size=64):
+def best_of_n_samples(bundle, model, items, reward, n, steps, guidance, seed, score, batch_size=64):
     """For each (prompt, metadata): n deterministic-ODE samples of the model (seeds differ), scored
     by `reward` ("task": the reward of the prompt's own task), and the best kept. Returns (final
     latents (P, C, h, w), prompts, best rewards, mean rewards)."""
@@ -131,11 +131,11 @@ def best_of_n_samples(bundle, model, items, reward, n, steps, guidance, seed, ba
         part = candidates[start:start + batch_size]
         prompts, metas = [p for p, _, _ in part], [m for _, m, _ in part]
         embeds, pooled = bundle.encode(prompts)
-        with torch.autocast("cpu", torch.bfloat16):
+        with torch.autocast(embeds.device.type, torch.bfloat16):
             run = common.rollout(model, embeds, pooled, shape, sigmas, [s for _, _, s in part], 0.0, guidance,
                                  negative, bundle.decode)
-        score = toy.score(run["images"], prompts, metas, names=names)
-        scores += np.nanmax(np.stack([score[k] for k in names]), 0).tolist()  # task: the one that applies
+        scored = score(run["images"], prompts, metas, names=names)
+        scores += np.nanmax(np.stack([scored[k] for k in names]), 0).tolist()  # task: the one that applies
         latents.append(run["states"][:, -1])
     latents, scores = torch.cat(latents).unflatten(0, (len(items), n)), torch.tensor(scores).view(len(items), n)
     best = scores.argmax(1)
@@ -185,7 +185,7 @@ def sft(args):
     common.check_same_layout(teachers)
     train_items = common.prompts_by_task(args.train_prompts, teachers, args.dataset, "train")
     torch.manual_seed(args.seed)
-    bundle = common.load_model(args.model)
+    bundle = common.load_model_from_args(args)
     guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
     steps = args.sample_steps or bundle.defaults["eval_steps"]
     model = evaluation.load_adapters(bundle.transformer, list(teachers.items()))
@@ -197,27 +197,28 @@ def sft(args):
 def best_of_n(args):
     """The released cold start (best-of-N base samples by each prompt's own reward, --reward task),
     and the miniature world's quick teachers (one reward): rejection sampling, then SFT (M6)."""
-    if args.reward not in (*toy.REWARDS, "task"):
-        raise ValueError(f"unknown reward {args.reward!r}; expected one of {[*toy.REWARDS, 'task']}")
+    if args.reward != "task":
+        rewards.check_names([args.reward], f"--reward {args.reward!r} (or 'task')")
     tasks = [args.reward] if args.reward in common.DEFAULT_PROMPT_FILES else list(common.DEFAULT_PROMPT_FILES)
     by_task = common.prompts_by_task(args.train_prompts, tasks, args.dataset, "train")
     rng = random.Random(args.seed)
     items = [item for task in tasks for item in rng.sample(by_task[task], min(args.samples_per_task, len(by_task[task])))]
     torch.manual_seed(args.seed)
-    bundle = common.load_model(args.model)
+    bundle = common.load_model_from_args(args)
     guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
-    model = common.add_lora(bundle.transformer, args.lora_rank, args.lora_alpha, name="unused")
+    model = common.add_lora(bundle.transformer, args.lora_rank, args.lora_alpha, args.lora_targets, name="unused")
     cache = os.path.join(args.out, "samples.pt")  # the expensive part: kept, so a rerun only refits
     if os.path.isfile(cache):
         latents, prompts, best, mean = torch.load(cache).values()
     else:
         with common.use_adapter(model, None):  # the base model samples
             latents, prompts, best, mean = best_of_n_samples(bundle, model, items, args.reward, args.n, args.sample_steps
-                                                             or bundle.defaults["eval_steps"], guidance, args.seed)
+                                                             or bundle.defaults["eval_steps"], guidance, args.seed,
+                                                             rewards.make_scorer(args, bundle))
         common.atomic_torch_save({"latents": latents, "prompts": prompts, "best": best, "mean": mean}, cache)
     print(f"best-of-{args.n} {args.reward} reward: {best.mean():.3f} (a random sample: {mean.mean():.3f})")
     log = [{"prompts": len(items), "n": args.n, "best_reward": best.mean().item(), "mean_reward": mean.mean().item()}]
-    layout = (args.lora_rank, args.lora_alpha, ["to_q", "to_k", "to_v", "to_out.0"])
+    layout = (args.lora_rank, args.lora_alpha, list(args.lora_targets))
     log += fit_adapter(bundle, model, latents, prompts, layout, args, guidance)
     model.delete_adapter("unused")
     write_result(model, log, args, f"SFT on the best of {args.n} base samples of {len(items)} prompts")
@@ -226,7 +227,8 @@ def best_of_n(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("method", choices=["merge", "sft", "bestofn"])  # the cold start
-    p.add_argument("--model", default="miniature/base")  # base model folder or hub id (paper: SD3.5-M)
+    common.add_model_arguments(p)  # --model, --device, --model-dtype, --gradient-checkpointing, --resolution, --lora-targets
+    rewards.add_arguments(p)  # bestofn: --pickscore-model, --geneval-url, --deqa-url, ... (the real world's scorers)
     p.add_argument("--teachers", default="")  # task=peft_folder,... (Stage 1 adapters or published LoRAs)
     p.add_argument("--reward", default="task")  # bestofn: the ranking reward ("task": each prompt's own)
     p.add_argument("--n", type=int, default=8)  # bestofn: base samples per prompt

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import common
 import eval as evaluation
+import rewards
 
 # ----------------------------------------------------------------------------------------------
 # The per-step objectives (M4)
@@ -125,7 +126,7 @@ def sample_epoch(policy, bundle, picked, teachers, args, seed):
     routes = [common.route(p, m, set(teachers)) for p, m in picked]
     embeds, pooled = bundle.encode(prompts)
     sigmas = common.sampling_sigmas(bundle.scheduler, args.steps)
-    batch = common.rollout_chunks(policy, embeds, pooled, bundle.latent_shape(args.resolution or bundle.resolution),
+    batch = common.rollout_chunks(policy, embeds, pooled, bundle.latent_shape(bundle.resolution),
                                   sigmas, [seed + i for i in range(len(prompts))], args.train_batch_size,
                                   args.noise_level, args.guidance, args.negative, None, args.bf16)
     batch.update(prompts=prompts, routes=routes, embeds=embeds, pooled=pooled)
@@ -192,7 +193,8 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="miniature/base")  # base model folder or hub id (paper: SD3.5-M)
+    common.add_model_arguments(p)  # --model, --device, --model-dtype, --gradient-checkpointing, --resolution, --lora-targets
+    rewards.add_arguments(p)  # evaluation only: --pickscore-model, --geneval-url, --deqa-url, --eval-rewards
     p.add_argument("--teachers", required=True)  # task=peft_folder,... one frozen teacher per task (router targets)
     p.add_argument("--anchor", default="base")  # MAR anchor: "base" (adapters off) or a peft folder (quality teacher)
     p.add_argument("--init", default=None)  # cold-start peft folder (stage2_coldstart.py); default a fresh LoRA
@@ -211,7 +213,6 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10)  # SDE steps per rollout (paper: 10)
     p.add_argument("--noise-level", type=float, default=0.7)  # a of M1 (paper: 0.7)
     p.add_argument("--guidance", type=float, default=None)  # CFG of student, teachers and anchor (paper: 4.5)
-    p.add_argument("--resolution", type=int, default=None)  # pixels (default: the model's; paper: 512)
     p.add_argument("--clip-range", type=float, default=1e-3)  # ppo surrogate epsilon (mean-over-dims ratio)
     p.add_argument("--lr", type=float, default=3e-4)  # AdamW learning rate (paper: 3e-4)
     p.add_argument("--lora-rank", type=int, default=32)  # student LoRA rank without --init (paper: 32)
@@ -239,14 +240,16 @@ def main(argv=None):
                   for item in items]
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    bundle = common.load_model(args.model)
+    bundle = common.load_model_from_args(args)
+    score, eval_rewards = rewards.from_args(args, bundle)  # scorers run only at evaluation, never in training
     common.sampling_defaults(args, bundle)
 
-    policy = common.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha, init=args.init)
+    policy = common.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha, args.init, args.lora_targets)
     teacher_of, anchor_name = load_guides(policy, teachers, args.anchor)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
     def evaluate(png):
-        return evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance, png)
+        return evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance, png,
+                                          score, eval_rewards)
     epoch, log = common.start_run(args, policy, optimizer, rng, evaluate)
     bad_epochs = 0
     for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage3"):

@@ -521,19 +521,20 @@ def sample_images(bundle, prompts, seeds, num_steps, guidance_scale, noise_level
     images = []
     for i in range(0, len(prompts), batch_size):
         embeds, pooled = bundle.encode(prompts[i:i + batch_size])
-        with torch.autocast("cpu", torch.bfloat16):
+        with torch.autocast(embeds.device.type, torch.bfloat16):
             out = rollout(bundle.transformer, embeds, pooled, bundle.latent_shape(bundle.resolution), sigmas,
                           seeds[i:i + batch_size], noise_level, guidance_scale, negative, bundle.decode)
         images.append(out["images"])
     return torch.cat(images)
 
 
-def evaluate(bundle, items, num_steps, guidance_scale, seed=0):
+def evaluate(bundle, items, num_steps, guidance_scale, seed=0, scorer=None, names=REWARDS):
     """Scores of a model on [(prompt, metadata)]: {"geneval_strict", "geneval", "ocr", "quality",
-    "geneval/<tag>"...} means, and the images. Seeds are seed + index, so every model sees the same noise."""
+    "geneval/<tag>"...} means, and the images. Seeds are seed + index, so every model sees the same noise.
+    `scorer`: a function with score()'s signature (default toy.score; rewards.make_scorer for real models)."""
     prompts, metas = [p for p, _ in items], [m for _, m in items]
     images = sample_images(bundle, prompts, [seed + i for i in range(len(prompts))], num_steps, guidance_scale)
-    return summarize(score(images, prompts, metas), metas), images
+    return summarize((scorer or score)(images, prompts, metas, names=names), metas), images
 
 
 def summarize(scores, metas):
@@ -542,7 +543,7 @@ def summarize(scores, metas):
               for name, values in scores.items()}
     for tag in GENEVAL_TAGS:
         mask = np.array([bool(m) and m.get("tag") == tag for m in metas])
-        if mask.any():
+        if mask.any() and "geneval_strict" in scores:
             result[f"geneval/{tag}"] = float(scores["geneval_strict"][mask].mean())
     return result
 
@@ -716,7 +717,7 @@ def specialist(args):
     bundle = common.load_model(args.model)
     from safetensors.torch import load_file
     codec = load_file(os.path.join(args.model, "latent.safetensors"))
-    policy = common.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha)
+    policy = common.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha, targets=bundle.defaults["lora_targets"])
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     empty = bundle.encode([""])

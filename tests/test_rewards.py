@@ -1,0 +1,164 @@
+"""The real world's scorers: PickScore on a tiny random CLIP, and the flow_grpo reward-server client
+against a local HTTP server (a good answer, a server error, a timeout, a redirect)."""
+import http.server
+import io
+import pickle
+import string
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import rewards
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A random CLIPModel + CLIPProcessor (character-level tokenizer built here), saved like PickScore."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
+                              CLIPTokenizer, CLIPVisionConfig)
+    torch.manual_seed(0)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + string.ascii_uppercase + string.digits + '"':
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    text = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    folder = tmp_path_factory.mktemp("pickscore")
+    CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=8)).save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=CLIPTokenizer(vocab=vocab, merges=[])).save_pretrained(folder)
+    return str(folder)
+
+
+def test_pickscore_is_logit_scale_cosine_over_26(tiny_clip_dir):
+    from transformers import AutoProcessor, CLIPModel
+    images = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red circle", 'a sign that says "K7"', "two blue squares"]
+    got = rewards.pickscore_scorer(tiny_clip_dir, tiny_clip_dir)(images, prompts)["pickscore"]
+    # the reference: CLIP's own forward, whose logits_per_image is logit_scale * cos(image, text)
+    clip, prep = CLIPModel.from_pretrained(tiny_clip_dir).eval(), AutoProcessor.from_pretrained(tiny_clip_dir)
+    inputs = prep(text=prompts, images=[Image.fromarray(a) for a in
+                                        (images.permute(0, 2, 3, 1) * 255).round().byte().numpy()],
+                  padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = clip(**inputs).logits_per_image
+    np.testing.assert_allclose(got, (logits.diag() / 26).numpy(), rtol=1e-5, atol=1e-6)
+    assert got.shape == (3,) and np.ptp(got) > 0
+
+
+def test_real_world_scorer_routes_names_and_rejects_what_it_cannot_score(tiny_clip_dir):
+    args = types.SimpleNamespace(pickscore_model=tiny_clip_dir, pickscore_processor=tiny_clip_dir, geneval_url=None,
+                                 deqa_url=None, reward_timeout=1.0, reward_retries=0, device="cpu")
+    score = rewards.make_scorer(args, types.SimpleNamespace(kind="sd3"))
+    images = torch.ones(2, 3, 64, 64)  # blank: OCR reads nothing
+    out = score(images, ["a red circle", 'a sign that says "K7"'], None, names=("ocr", "pickscore"))
+    assert np.isnan(out["ocr"][0]) and out["ocr"][1] == 0.0 and np.isfinite(out["pickscore"]).all()
+    with pytest.raises(ValueError, match="--geneval-url"):
+        score(images, ["a", "b"], None, names=("geneval",))
+    with pytest.raises(ValueError, match="'quality' is the miniature"):
+        score(images, ["a", "b"], None, names=("quality",))
+    with pytest.raises(ValueError, match="unknown reward 'aesthetic'"):
+        score(images, ["a", "b"], None, names=("aesthetic",))
+
+
+class _Server:
+    """A flow_grpo-style reward server on 127.0.0.1 whose behaviour each test sets."""
+
+    def __init__(self, handle):
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                owner.requests.append(pickle.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                status, body = handle(owner.requests[-1], len(owner.requests))
+                self.send_response(status)
+                if status in (301, 302, 307):
+                    self.send_header("Location", "http://127.0.0.1:9/elsewhere")
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except BrokenPipeError:  # the client gave up (the timeout test)
+                    pass
+
+            def log_message(self, *args):
+                pass
+        self.requests = []
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_geneval_server_good_answer_roundtrips_jpegs_and_metadata():
+    def handle(request, n):
+        sizes = [Image.open(io.BytesIO(b)).size for b in request["images"]]
+        assert sizes == [(32, 32)] * len(request["images"]) and request["only_strict"] is False
+        scores = [0.25 * len(m["include"]) for m in request["meta_datas"]]
+        return 200, pickle.dumps({"scores": scores, "rewards": scores, "strict_rewards": [1.0] * len(scores),
+                                  "group_rewards": {}, "group_strict_rewards": {}})
+    server = _Server(handle)
+    try:
+        score = rewards.geneval_server_scorer(rewards.server_client(server.url, timeout=5, retries=0), batch_size=2)
+        metas = [{"tag": "two_object", "include": [{"class": "circle"}, {"class": "square"}]}, None,
+                 {"tag": "single_object", "include": [{"class": "circle"}]}, {"tag": "colors", "include": [{}]}]
+        out = score(torch.rand(4, 3, 32, 32), ["p"] * 4, metas)
+    finally:
+        server.close()
+    np.testing.assert_array_equal(out["geneval"], [0.5, np.nan, 0.25, 0.25])
+    np.testing.assert_array_equal(out["geneval_strict"], [1.0, np.nan, 1.0, 1.0])
+    assert [len(r["images"]) for r in server.requests] == [2, 1]  # batches of judged prompts only
+
+
+def test_deqa_server_error_is_retried_then_answered_and_scaled():
+    server = _Server(lambda request, n: (500, b"busy") if n == 1 else
+                     (200, pickle.dumps({"outputs": [[4.0]] * len(request["images"])})))
+    try:
+        score = rewards.deqa_server_scorer(rewards.server_client(server.url, timeout=5, retries=2, backoff=0.01))
+        out = score(torch.rand(3, 3, 16, 16), ["a", "b", "c"], [None] * 3)
+    finally:
+        server.close()
+    np.testing.assert_allclose(out["deqa"], [0.8, 0.8, 0.8])
+    assert len(server.requests) == 2
+
+
+def test_server_errors_timeouts_redirects_and_unreachable_give_clear_errors():
+    server = _Server(lambda request, n: (500, b"boom"))
+    try:
+        post = rewards.server_client(server.url, timeout=5, retries=2, backoff=0.01)
+        with pytest.raises(RuntimeError, match=r"failed 3 times \(last: HTTP 500"):
+            post({"images": []})
+        assert len(server.requests) == 3
+    finally:
+        server.close()
+    slow = _Server(lambda request, n: (time.sleep(1.5), (200, pickle.dumps({"outputs": []})))[1])
+    try:
+        with pytest.raises(RuntimeError, match="failed 2 times .*timeout 0.3 s"):
+            rewards.server_client(slow.url, timeout=0.3, retries=1, backoff=0.01)({"images": []})
+    finally:
+        slow.close()
+    moved = _Server(lambda request, n: (302, b""))
+    try:
+        with pytest.raises(RuntimeError, match="HTTP 302"):
+            rewards.server_client(moved.url, timeout=5, retries=0)({"images": []})
+    finally:
+        moved.close()
+    bad = _Server(lambda request, n: (200, pickle.dumps({"wrong": 1})))
+    try:
+        with pytest.raises(RuntimeError, match="no 1 numbers under 'outputs'"):
+            rewards.deqa_server_scorer(rewards.server_client(bad.url, timeout=5, retries=0))(torch.rand(1, 3, 8, 8), ["a"], [None])
+    finally:
+        bad.close()
+    with pytest.raises(RuntimeError, match="is the server running"):
+        rewards.server_client("http://127.0.0.1:9", timeout=1, retries=0)({"images": []})
+    with pytest.raises(ValueError, match="must start with http"):
+        rewards.server_client("127.0.0.1:18085")

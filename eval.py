@@ -30,6 +30,7 @@ def parse_adapters(text):
     for part in filter(None, (text or "").split(",")):
         name, _, path = part.rpartition("=")
         name = name or os.path.basename(os.path.normpath(os.path.dirname(path) if path.endswith("adapter") else path))
+        path = common.resolve_adapter(path)  # a hub id (e.g. a published Flow-GRPO teacher) -> its cached folder
         if not os.path.isdir(path):
             raise FileNotFoundError(f"adapter folder {path!r} (for row {name!r}) does not exist; expected a peft "
                                     f"folder with adapter_config.json and adapter_model.safetensors")
@@ -42,6 +43,7 @@ def load_adapters(transformer, adapters):
     if not adapters:
         return transformer
     from peft import PeftModel
+    adapters = [(name, common.resolve_adapter(path)) for name, path in adapters]
     common.check_adapter_fits(transformer, adapters[0][1])
     model = PeftModel.from_pretrained(transformer, adapters[0][1], adapter_name=adapters[0][0], is_trainable=False)
     for name, path in adapters[1:]:

@@ -82,7 +82,7 @@ def load_guides(policy, teachers, anchor):
     peft folder loaded as "anchor") onto the policy's base. Returns ({task: adapter}, anchor adapter)."""
     guides = {f"teacher_{task}": path for task, path in teachers.items()}
     if anchor != "base":
-        guides["anchor"] = anchor
+        guides["anchor"] = common.resolve_adapter(anchor)
     common.check_same_layout(guides)
     for name, path in guides.items():
         common.load_adapter(policy, path, name)

@@ -1,4 +1,5 @@
 import os
+import string
 import sys
 
 import pytest
@@ -56,4 +57,25 @@ def tiny_sd3_dir(tmp_path_factory):
                                     vae=vae, text_encoder=clip(), tokenizer=tokenizer, text_encoder_2=clip(),
                                     tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A random CLIPModel + CLIPProcessor (character-level tokenizer built here), saved like PickScore."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
+                              CLIPTokenizer, CLIPVisionConfig)
+    torch.manual_seed(0)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + string.ascii_uppercase + string.digits + '"':
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    text = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    folder = tmp_path_factory.mktemp("pickscore")
+    CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=8)).save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=CLIPTokenizer(vocab=vocab, merges=[])).save_pretrained(folder)
     return str(folder)

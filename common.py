@@ -52,6 +52,7 @@ def add_model_arguments(p):
     p.add_argument("--model", default="miniature/base")  # miniature folder, SD3 pipeline folder or hub id (paper: stabilityai/stable-diffusion-3.5-medium)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")  # where everything runs
     p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default=None)  # frozen base weights (default: bf16 on GPU, fp32 on CPU); LoRA stays fp32
+    p.add_argument("--no-t5", action="store_true")  # SD3: leave T5-XXL out (9 GiB less; only the CLIP encoders read prompts)
     p.add_argument("--gradient-checkpointing", action="store_true")  # recompute transformer blocks in backward: less memory, ~1.3x time
     p.add_argument("--resolution", type=int, default=None)  # image side in pixels (default: the model's; paper: 512)
     p.add_argument("--lora-targets", default=None)  # comma-separated LoRA modules of a new adapter (default: the model's; SD3: Flow-GRPO's 8)
@@ -60,7 +61,7 @@ def add_model_arguments(p):
 def load_model_from_args(args):
     """load_model with the flags of add_model_arguments; fills args.resolution and args.lora_targets."""
     dtype = args.model_dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
-    bundle = load_model(args.model, args.device, getattr(torch, dtype))
+    bundle = load_model(args.model, args.device, getattr(torch, dtype), text_encoder_3=not args.no_t5)
     if args.gradient_checkpointing:
         bundle.transformer.enable_gradient_checkpointing()
     if args.resolution is not None:

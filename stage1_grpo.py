@@ -159,7 +159,8 @@ def train_on_epoch(policy, batch, advantages, informative, optimizer, args):
         idx = idx[torch.as_tensor(informative[idx.numpy()])]
         if len(idx) == 0:
             continue
-        adv = torch.as_tensor(advantages[idx.numpy()], dtype=torch.float32).clamp(-args.adv_clip, args.adv_clip)
+        adv = torch.as_tensor(advantages[idx.numpy()], dtype=torch.float32, device=batch["states"].device)
+        adv = adv.clamp(-args.adv_clip, args.adv_clip)
         optimizer.zero_grad(set_to_none=True)
         for j in trained_steps:
             loss, kl, ratio = policy_step_loss(policy, batch, idx, j, adv, args)

@@ -6,6 +6,8 @@ other tools) and BENCHMARKS.md is rewritten from it.
                               #   Stage 3 peak RSS, adapters on one base vs one model copy per guide,
                               #   one OPD step at 256 px (time, FLOPs, MFU), and the memory of a
                               #   512 px training step with and without gradient checkpointing
+    python bench.py loops     # the share of Stage 1 / Stage 3 training-loop time spent inside the
+                              #   transformer's forward and backward (miniature defaults, 2 epochs each)
 
 Each SD3.5-M measurement runs in its own process, so that its peak RSS is its own.
 """
@@ -166,6 +168,59 @@ def sd35m_worker(layout, resolution, checkpointing, steps=2):
                       "peak_rss_gib": peak_rss_gib(), "params": sum(p.numel() for p in policy.get_base_model().parameters())}))
 
 
+def loop_efficiency(stage_main, argv):
+    """Runs a stage's main(argv) and splits the wall time of its training epochs (everything but model
+    loading and the test evaluations) into time inside the transformer's forward and autograd's backward,
+    and the rest (sampling bookkeeping, scoring, logging, I/O). Returns (fraction inside, seconds)."""
+    from diffusers import SD3Transformer2DModel
+    import eval as evaluation
+    clock = {"model": 0.0, "excluded": 0.0, "excluding": False, "depth": 0}
+
+    def timed(function, key):
+        def wrapper(*args, **kwargs):
+            if clock["depth"] or (key == "model" and clock["excluding"]):
+                return function(*args, **kwargs)  # nested (a forward inside a forward) or inside an evaluation
+            clock["depth"] += 1
+            clock["excluding"] = key == "excluded"
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                clock[key] += time.perf_counter() - start
+                clock["depth"] -= 1
+                clock["excluding"] = False
+        return wrapper
+    originals = (SD3Transformer2DModel.forward, torch.autograd.backward, evaluation.evaluate_policy,
+                 common.load_model_from_args, common.save_adapter)
+    SD3Transformer2DModel.forward = timed(originals[0], "model")
+    torch.autograd.backward = timed(originals[1], "model")
+    evaluation.evaluate_policy = timed(originals[2], "excluded")
+    common.load_model_from_args = timed(originals[3], "excluded")
+    common.save_adapter = timed(originals[4], "excluded")
+    try:
+        start = time.perf_counter()
+        stage_main(argv)
+        total = time.perf_counter() - start
+    finally:
+        (SD3Transformer2DModel.forward, torch.autograd.backward, evaluation.evaluate_policy,
+         common.load_model_from_args, common.save_adapter) = originals
+    loop = total - clock["excluded"]
+    return clock["model"] / loop, loop
+
+
+def loops(results, out="runs/bench-loops"):
+    import stage1_grpo
+    import stage3_opd
+    fraction1, seconds1 = loop_efficiency(stage1_grpo.main, ["--reward", "geneval", "--epochs", "2", "--eval-every", "1000",
+                                                             "--out", f"{out}/stage1"])
+    adapters = "results/adapters"
+    fraction3, seconds3 = loop_efficiency(stage3_opd.main, [
+        "--teachers", f"geneval={adapters}/teacher-geneval,ocr={adapters}/teacher-ocr", "--anchor",
+        f"{adapters}/teacher-quality", "--epochs", "2", "--eval-every", "1000", "--out", f"{out}/stage3"])
+    results.update({"loop_efficiency_stage1": fraction1, "loop_seconds_stage1_2_epochs": seconds1,
+                    "loop_efficiency_stage3": fraction3, "loop_seconds_stage3_2_epochs": seconds3})
+
+
 def run_worker(*args):
     out = subprocess.run([sys.executable, __file__, "sd35m-worker", *map(str, args)], capture_output=True, text=True)
     if out.returncode != 0:
@@ -214,7 +269,7 @@ def write(results, command):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["peak", "sd35m", "sd35m-worker"])  # which benchmark
+    p.add_argument("what", choices=["peak", "sd35m", "loops", "sd35m-worker"])  # which benchmark
     p.add_argument("worker_args", nargs="*")  # internal: layout, resolution, checkpointing of one worker
     args = p.parse_args(argv)
     if args.what == "sd35m-worker":
@@ -224,6 +279,8 @@ def main(argv=None):
     if args.what == "peak":
         results["peak_bf16_gflops"] = matmul_peak(torch.bfloat16)
         results["peak_fp32_gflops"] = matmul_peak(torch.float32)
+    elif args.what == "loops":
+        loops(results)
     else:
         sd35m(results)
     write(results, f"python bench.py {args.what}")

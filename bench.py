@@ -8,6 +8,7 @@ other tools) and BENCHMARKS.md is rewritten from it.
                               #   512 px training step with and without gradient checkpointing
     python bench.py loops     # the share of Stage 1 / Stage 3 training-loop time spent inside the
                               #   transformer's forward and backward (miniature defaults, 2 epochs each)
+    python bench.py modes     # eager / torch.compile x fp32 / bf16 autocast, training pass and forward
 
 Each SD3.5-M measurement runs in its own process, so that its peak RSS is its own.
 """
@@ -221,6 +222,36 @@ def loops(results, out="runs/bench-loops"):
                     "loop_efficiency_stage3": fraction3, "loop_seconds_stage3_2_epochs": seconds3})
 
 
+def modes(results, batch=16, repeats=5):
+    """Seconds of one miniature training pass (student LoRA forward + backward, batch 16, CFG 4.5) and of one
+    no-grad forward, for eager fp32, eager bf16 autocast, compiled fp32 and compiled bf16 autocast."""
+    bundle = common.load_model("miniature/base")
+    policy = common.make_policy(bundle.transformer, 32, 64, targets=bundle.defaults["lora_targets"])
+    shape = bundle.latent_shape(bundle.resolution)
+    x = torch.randn(batch, *shape)
+    embeds, pooled = bundle.encode(["a photo of a red circle"] * batch)
+    negative = bundle.encode([""])
+    compiled = torch.compile(policy)
+    timings = {}
+    for name, model, bf16 in (("eager_fp32", policy, False), ("eager_bf16", policy, True),
+                              ("compiled_fp32", compiled, False), ("compiled_bf16", compiled, True)):
+        for grad in (True, False):
+            seconds = []
+            for _ in range(repeats + 1):  # the first run compiles / warms up
+                start = time.perf_counter()
+                with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                    v = common.velocity(model, x, 0.5, embeds, pooled, 4.5, negative)
+                if grad:
+                    v.float().square().mean().backward()
+                seconds.append(time.perf_counter() - start)
+            timings[f"{name}_{'train' if grad else 'forward'}"] = min(seconds[1:])
+    results.update({f"miniature_seconds_{k}": v for k, v in timings.items()})
+    results["compile_speedup_train_bf16"] = timings["eager_bf16_train"] / timings["compiled_bf16_train"]
+    results["bf16_speedup_train_eager"] = timings["eager_fp32_train"] / timings["eager_bf16_train"]
+    results["bf16_speedup_forward_eager"] = timings["eager_fp32_forward"] / timings["eager_bf16_forward"]
+    results["compile_speedup_forward_bf16"] = timings["eager_bf16_forward"] / timings["compiled_bf16_forward"]
+
+
 def run_worker(*args):
     out = subprocess.run([sys.executable, __file__, "sd35m-worker", *map(str, args)], capture_output=True, text=True)
     if out.returncode != 0:
@@ -269,7 +300,7 @@ def write(results, command):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["peak", "sd35m", "loops", "sd35m-worker"])  # which benchmark
+    p.add_argument("what", choices=["peak", "sd35m", "loops", "modes", "sd35m-worker"])  # which benchmark
     p.add_argument("worker_args", nargs="*")  # internal: layout, resolution, checkpointing of one worker
     args = p.parse_args(argv)
     if args.what == "sd35m-worker":
@@ -281,6 +312,8 @@ def main(argv=None):
         results["peak_fp32_gflops"] = matmul_peak(torch.float32)
     elif args.what == "loops":
         loops(results)
+    elif args.what == "modes":
+        modes(results)
     else:
         sd35m(results)
     write(results, f"python bench.py {args.what}")

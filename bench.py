@@ -70,7 +70,8 @@ def build_sd35m():
             else:
                 param.fill_(1.0 if "norm" in name else 0.0)
     for buffer in model.buffers():  # the positional embedding table is a buffer
-        buffer.normal_(0, 0.02, generator=generator) if buffer.is_floating_point() else None
+        if buffer.is_floating_point():
+            buffer.normal_(0, 0.02, generator=generator)
     return model.eval().requires_grad_(False)
 
 

@@ -527,7 +527,7 @@ def save_adapter(peft_model, name, folder):
     def write(tmp):
         peft_model.save_pretrained(tmp, selected_adapters=[name])
         where = os.path.join(tmp, name) if name != "default" else tmp
-        state = {f"{key.removeprefix('base_model.model.')}": value.contiguous() for key, value in
+        state = {key.removeprefix("base_model.model."): value.contiguous() for key, value in
                  get_peft_model_state_dict(peft_model, adapter_name=name).items()}
         StableDiffusion3Pipeline.save_lora_weights(where, transformer_lora_layers=state,
                                                    transformer_lora_adapter_metadata=peft_model.peft_config[name].to_dict())

@@ -51,13 +51,13 @@ def load_adapters(transformer, adapters):
     return model
 
 
-def evaluate_policy(bundle, policy, adapter, items, steps, guidance, out_png=None, score=None, names=toy.REWARDS):
+def evaluate_policy(bundle, policy, adapter, items, steps, guidance, out_png=None, scorer=None, names=toy.REWARDS):
     """Test scores of `policy` (a PeftModel) with `adapter` active: the stages' periodic evaluation.
     Deterministic ODE; prompt i uses seed i, as in the table. Optionally writes a sample grid.
-    `score`/`names`: the scorer and rewards (rewards.from_args), default the miniature world's."""
+    `scorer`/`names`: the scorer and rewards (rewards.from_args), default the miniature world's."""
     with common.use_adapter(policy, adapter):
         result, images = toy.evaluate(dataclasses.replace(bundle, transformer=policy), items, steps, guidance,
-                                      scorer=score, names=names)
+                                      scorer=scorer, names=names)
     if out_png:
         common.image_grid(images[::max(1, len(images) // 32)][:32], 8).save(out_png)
     return result

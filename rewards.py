@@ -73,9 +73,9 @@ def make_scorer(args, bundle):
     def scorer(name):
         if name not in loaded:
             if name == "pickscore":
-                loaded[name] = pickscore_scorer(args.pickscore_model, args.pickscore_processor, getattr(args, "device", "cpu"))
+                loaded[name] = pickscore_scorer(args.pickscore_model, args.pickscore_processor, args.device)
             elif name in ("geneval", "deqa"):
-                url = getattr(args, f"{name}_url", None)
+                url = getattr(args, f"{name}_url")
                 if url is None:
                     raise ValueError(f"reward {name!r} on real images needs --{name}-url (a flow_grpo reward server)")
                 post = server_client(url, args.reward_timeout, args.reward_retries)
@@ -87,16 +87,12 @@ def make_scorer(args, bundle):
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         metadata = metadata or [None] * len(prompts)
-        out = {}
-        for name in names:
-            if name == "quality" and not miniature:
+        local = tuple(n for n in names if miniature and n in toy.REWARDS and not (n == "geneval" and args.geneval_url))
+        out = toy.score(images, prompts, metadata, names=local) if local else {}  # one pass for all of them
+        for name in (n for n in names if n not in local):
+            if name == "quality":
                 raise ValueError("reward 'quality' is the miniature world's flat-colour score; on real images use 'deqa'")
-            if name == "quality" or (miniature and name == "ocr") or (miniature and name == "geneval" and not args.geneval_url):
-                out.update(toy.score(images, prompts, metadata, names=(name,)))
-            elif name == "ocr":
-                out["ocr"] = ocr_rewards(images, prompts)
-            else:
-                out.update(scorer(name)(images, prompts, metadata))
+            out.update({"ocr": ocr_rewards(images, prompts)} if name == "ocr" else scorer(name)(images, prompts, metadata))
         return out
     return score
 

@@ -153,7 +153,7 @@ def sd35m_worker(layout, resolution, checkpointing, steps=2):
         if guides is None:
             x0 = torch.randn(1, 16, resolution // 8, resolution // 8)
             embeds, pooled = torch.randn(1, TEXT_TOKENS, 4096), torch.randn(1, 2048)
-            loss = common.flow_matching_loss(policy, x0, embeds, pooled)
+            loss = common.flow_matching_loss(policy, x0, embeds, pooled, bf16=True)  # bf16 weights
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -56,6 +56,9 @@ def add_model_arguments(p):
     p.add_argument("--gradient-checkpointing", action="store_true")  # recompute transformer blocks in backward: less memory, ~1.3x time
     p.add_argument("--resolution", type=int, default=None)  # image side in pixels (default: the model's; paper: 512)
     p.add_argument("--lora-targets", default=None)  # comma-separated LoRA modules of a new adapter (default: the model's; SD3: Flow-GRPO's 8)
+    p.add_argument("--train-precision", choices=["bf16", "fp32"], default=None)  # passes with gradients: bf16 autocast or fp32 (default: bf16 with bf16 weights; fp32 with fp32 weights, 1.5x faster than bf16 autocast on CPU, BENCHMARKS.md)
+    p.add_argument("--sample-precision", choices=["bf16", "fp32"], default=None)  # no-grad passes (rollouts, teachers, anchor, evaluation); default bf16 where it is fast (common.bf16_is_fast), else fp32
+    p.add_argument("--compile", action="store_true")  # torch.compile the transformer (worth it on GPU; on a 2-core CPU its compile time exceeds its gain at miniature budgets, BENCHMARKS.md)
 
 
 def load_model_from_args(args):
@@ -73,7 +76,27 @@ def load_model_from_args(args):
         bundle = dataclasses.replace(bundle, resolution=args.resolution)
     args.resolution = bundle.resolution
     args.lora_targets = tuple(args.lora_targets.split(",")) if args.lora_targets else bundle.defaults["lora_targets"]
+    if args.train_precision == "fp32" and dtype == "bfloat16":
+        raise ValueError("--train-precision fp32 needs fp32 base weights; expected --model-dtype float32 with it")
+    args.train_bf16 = (args.train_precision or ("bf16" if dtype == "bfloat16" else "fp32")) == "bf16"
+    args.sample_bf16 = (args.sample_precision or ("bf16" if bf16_is_fast(args.device) else "fp32")) == "bf16"
+    if args.compile:
+        bundle.transformer.compile()  # in place: LoRA layers added later are traced too; one graph per adapter state
     return bundle
+
+
+def bf16_is_fast(device="cpu"):
+    """Whether bf16 matmuls run natively: on a GPU, or a CPU with AVX512-BF16/AMX. Elsewhere oneDNN emulates
+    them, ~100x slower than fp32 (measured on a 2-core AVX2 EPYC: 0.9 against 111 GFLOP/s), so every
+    default that picks bf16 for speed asks this first."""
+    if torch.device(device).type != "cpu":
+        return True
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast(device, bf16):
+    """bf16 autocast on `device` (a torch.device or tensor's device) when `bf16`, else full precision."""
+    return torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16)
 
 
 def load_model(path_or_id, device="cpu", dtype=torch.float32, text_encoder_3=True):
@@ -314,13 +337,13 @@ def rollout(model, embeds, pooled, latent_shape, sigmas, seeds, noise_level=0.7,
 
 def rollout_chunks(model, embeds, pooled, latent_shape, sigmas, seeds, chunk_size, noise_level=0.7,
                    guidance_scale=1.0, negative=None, decode=None, bf16=True, init_seeds=None):
-    """rollout() over chunks of `chunk_size` samples under bf16 autocast: the same chunks and precision
-    as the policy update that follows, so that it recomputes the stored log-probs bit for bit (the
+    """rollout() over chunks of `chunk_size` samples, bf16 autocast or not: with the same chunks and
+    precision as a policy update that follows, it recomputes the stored log-probs bit for bit (the
     first PPO ratio is exactly 1). Returns rollout()'s dict for the whole batch."""
     chunks = []
     for start in range(0, len(seeds), chunk_size):
         part = slice(start, start + chunk_size)
-        with torch.autocast(embeds.device.type, torch.bfloat16, enabled=bf16):
+        with autocast(embeds.device, bf16):
             chunks.append(rollout(model, embeds[part], pooled[part], latent_shape, sigmas, seeds[part], noise_level,
                                   guidance_scale, negative, decode, init_seeds[part] if init_seeds else None))
     out = {key: torch.cat([c[key] for c in chunks]) for key in ("states", "log_probs", "images")
@@ -634,13 +657,15 @@ def sampling_defaults(args, bundle):
 
 def start_run(args, policy, optimizer, rng, evaluate):
     """Resumes from OUT/checkpoint with --resume, else starts OUT/log.jsonl with the untrained
-    policy's test scores (`evaluate(None)`). Returns (last finished epoch, log)."""
+    policy's test scores (`evaluate(None)`; none with --eval-every 0). Returns (last finished epoch, log)."""
+    if args.eval_every < 0:
+        raise ValueError(f"--eval-every {args.eval_every} is negative; expected a number of epochs, or 0 for no evaluation")
     os.makedirs(args.out, exist_ok=True)
     if args.resume and os.path.isdir(os.path.join(args.out, "checkpoint")):
         epoch, log = load_checkpoint(args.out, policy, optimizer, rng)
         print(f"resumed from {args.out}/checkpoint at epoch {epoch}")
         return epoch, log
-    log = [{"epoch": 0, "trajectories": 0, "eval": evaluate(None)}]
+    log = [{"epoch": 0, "trajectories": 0, **({"eval": evaluate(None)} if args.eval_every > 0 else {})}]
     with open(os.path.join(args.out, "log.jsonl"), "w") as f:
         f.write(json.dumps(log[0]) + "\n")
     return 0, log
@@ -648,11 +673,13 @@ def start_run(args, policy, optimizer, rng, evaluate):
 
 def end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate):
     """The stages' shared end of an epoch: every --eval-every epochs (and at the last) the test scores
-    (`evaluate(png_path)`) and an atomic checkpoint; the record appended to the log and OUT/log.jsonl;
-    a clear stop after --max-bad-epochs non-finite epochs in a row, the last good checkpoint kept."""
+    (`evaluate(png_path)`) and an atomic checkpoint (--eval-every 0: no evaluation, a checkpoint every
+    epoch); the record appended to the log and OUT/log.jsonl; a clear stop after --max-bad-epochs
+    non-finite epochs in a row, the last good checkpoint kept."""
     epoch = record["epoch"]
-    due = epoch % args.eval_every == 0 or epoch == args.epochs
-    if due:
+    evaluating = args.eval_every > 0
+    due = not evaluating or epoch % args.eval_every == 0 or epoch == args.epochs
+    if due and evaluating:
         record["eval"] = evaluate(os.path.join(args.out, f"samples_epoch{epoch:04d}.png"))
     log.append(record)
     from tqdm import tqdm
@@ -671,7 +698,7 @@ def shift_sigmas(sigma, shift):
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-def flow_matching_loss(model, x0, embeds, pooled, shift=3.0, bf16=True, guidance_scale=1.0, negative=None):
+def flow_matching_loss(model, x0, embeds, pooled, shift=3.0, bf16=False, guidance_scale=1.0, negative=None):
     """Rectified-flow loss || v(x_sigma, sigma, c) - (eps - x0) ||^2 at x_sigma = (1 - sigma) x0 + sigma eps,
     sigma logit-normal(0, 1) then time-shifted like the sampler (METHOD.md §0, M6's SFT). With
     guidance_scale w != 1 the guided velocity is fitted: samples drawn with CFG w are then the model's
@@ -679,7 +706,7 @@ def flow_matching_loss(model, x0, embeds, pooled, shift=3.0, bf16=True, guidance
     sigma = shift_sigmas(torch.sigmoid(torch.randn(len(x0), device=x0.device)), shift)
     noise = torch.randn_like(x0)
     x_sigma = _as_batch(1 - sigma, x0) * x0 + _as_batch(sigma, x0) * noise
-    with torch.autocast(x0.device.type, torch.bfloat16, enabled=bf16):
+    with autocast(x0.device, bf16):
         v = velocity(model, x_sigma, sigma, embeds, pooled, guidance_scale, negative)
     return ((v.float() - (noise - x0)) ** 2).mean()
 

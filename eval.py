@@ -51,13 +51,14 @@ def load_adapters(transformer, adapters):
     return model
 
 
-def evaluate_policy(bundle, policy, adapter, items, steps, guidance, out_png=None, scorer=None, names=toy.REWARDS):
+def evaluate_policy(bundle, policy, adapter, items, steps, guidance, out_png=None, scorer=None, names=toy.REWARDS,
+                    bf16=None):
     """Test scores of `policy` (a PeftModel) with `adapter` active: the stages' periodic evaluation.
     Deterministic ODE; prompt i uses seed i, as in the table. Optionally writes a sample grid.
     `scorer`/`names`: the scorer and rewards (rewards.from_args), default the miniature world's."""
     with common.use_adapter(policy, adapter):
         result, images = toy.evaluate(dataclasses.replace(bundle, transformer=policy), items, steps, guidance,
-                                      scorer=scorer, names=names)
+                                      scorer=scorer, names=names, bf16=bf16)
     if out_png:
         common.image_grid(images[::max(1, len(images) // 32)][:32], 8).save(out_png)
     return result
@@ -107,7 +108,7 @@ def main(argv=None):
     for name, path in runs:
         with common.use_adapter(model, None if path is None else name) if adapters else torch.no_grad():
             images = toy.sample_images(dataclasses.replace(bundle, transformer=model), prompts,
-                                       [args.seed + i for i in range(len(prompts))], steps, guidance)
+                                       [args.seed + i for i in range(len(prompts))], steps, guidance, bf16=args.sample_bf16)
         rows.append({"model": name, "adapter": path, "steps": steps, "guidance_scale": guidance, "seed": args.seed,
                      **row_scores(score(images, prompts, metas, names=names), metas, columns)})
         shown_images.append(images[shown])

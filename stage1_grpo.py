@@ -116,7 +116,7 @@ def sample_epoch(policy, bundle, items, rewards, args, rng, seed):
     groups = np.repeat(np.arange(len(picked)), args.group_size)
     batch = common.rollout_chunks(policy, embeds, pooled, shape, sigmas, [seed + i for i in range(len(prompts))],
                                   args.train_batch_size, levels if args.sde_window > 0 else args.noise_level,
-                                  args.guidance, args.negative, bundle.decode, args.bf16,
+                                  args.guidance, args.negative, bundle.decode, args.train_bf16,
                                   [seed + 7919 * (g + 1) for g in groups] if args.sde_window > 0 else None)
     batch.update(prompts=prompts, metas=metas, embeds=embeds, pooled=pooled, groups=groups, trained_steps=trained_steps,
                  scores=args.score(batch["images"], prompts, metas, names=tuple(rewards)))
@@ -136,7 +136,7 @@ def policy_step_loss(policy, batch, idx, j, advantages, args):
     """PPO-clip + beta KL(policy || base) at step j for trajectories idx (M2): (loss, kl, ratio)."""
     sigmas, x, x_next = batch["sigmas"], batch["states"][idx, j], batch["states"][idx, j + 1]
     embeds, pooled = batch["embeds"][idx], batch["pooled"][idx]
-    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.bf16):
+    with common.autocast(x.device, args.train_bf16):  # the rollouts' precision: the first ratio is exactly 1
         v = common.velocity(policy, x, sigmas[j], embeds, pooled, args.guidance, args.negative)
         if args.beta > 0:  # beta = 0 saves the base forward
             with torch.no_grad(), common.use_adapter(policy, None):  # base = adapter disabled, no second model
@@ -219,11 +219,10 @@ def parse_args(argv=None):
     p.add_argument("--train-batch-size", type=int, default=32)  # trajectories per backward chunk
     p.add_argument("--max-grad-norm", type=float, default=1.0)  # gradient clipping (paper: 1.0)
     p.add_argument("--ema", type=float, default=0.9)  # EMA decay of the published adapter, per epoch
-    p.add_argument("--eval-every", type=int, default=5)  # epochs between test evaluations + checkpoints
+    p.add_argument("--eval-every", type=int, default=5)  # epochs between test evaluations + checkpoints (0: no evaluation)
     p.add_argument("--eval-steps", type=int, default=None)  # ODE steps at eval (default: the model's; paper: 40)
     p.add_argument("--eval-guidance", type=float, default=None)  # CFG at eval (default: the model's; paper 4.5)
     p.add_argument("--max-bad-epochs", type=int, default=3)  # consecutive non-finite epochs before stopping
-    p.add_argument("--no-bf16", dest="bf16", action="store_false")  # fp32 instead of bf16 autocast
     p.add_argument("--seed", type=int, default=0)  # prompts, noise
     p.add_argument("--resume", action="store_true")  # continue from OUT/checkpoint
     return p.parse_args(argv)
@@ -247,7 +246,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
     def evaluate(png):
         return evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance, png,
-                                          args.score, args.eval_rewards)
+                                          args.score, args.eval_rewards, args.sample_bf16)
     epoch, log = common.start_run(args, policy, optimizer, rng, evaluate)
     bad_epochs = 0
     for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage1"):

@@ -94,7 +94,7 @@ def merge(args):
 
 
 @torch.no_grad()
-def teacher_samples(bundle, model, teachers, items_by_task, per_task, steps, guidance, seed, batch_size=32):
+def teacher_samples(bundle, model, teachers, items_by_task, per_task, steps, guidance, seed, batch_size=32, bf16=False):
     """For each task: `per_task` training prompts sampled with its teacher's deterministic ODE.
     Returns (final latents (K * per_task, C, h, w), their prompts)."""
     latents, prompts = [], []
@@ -108,7 +108,7 @@ def teacher_samples(bundle, model, teachers, items_by_task, per_task, steps, gui
             for start in tqdm(range(0, len(picked), batch_size), desc=f"sampling {task} teacher"):
                 part = picked[start:start + batch_size]
                 embeds, pooled = bundle.encode(part)
-                with torch.autocast(embeds.device.type, torch.bfloat16):
+                with common.autocast(embeds.device, bf16):
                     run = common.rollout(model, embeds, pooled, shape, sigmas, [seed + start + i for i in range(len(part))],
                                          0.0, guidance, negative)
                 latents.append(run["states"][:, -1])
@@ -117,7 +117,7 @@ def teacher_samples(bundle, model, teachers, items_by_task, per_task, steps, gui
 
 
 @torch.no_grad()
-def best_of_n_samples(bundle, model, items, reward, n, steps, guidance, seed, score, batch_size=64):
+def best_of_n_samples(bundle, model, items, reward, n, steps, guidance, seed, score, batch_size=64, bf16=False):
     """For each (prompt, metadata): n deterministic-ODE samples of the model (seeds differ), scored
     by `reward` ("task": the reward of the prompt's own task), and the best kept. Returns (final
     latents (P, C, h, w), prompts, best rewards, mean rewards)."""
@@ -131,7 +131,7 @@ def best_of_n_samples(bundle, model, items, reward, n, steps, guidance, seed, sc
         part = candidates[start:start + batch_size]
         prompts, metas = [p for p, _, _ in part], [m for _, m, _ in part]
         embeds, pooled = bundle.encode(prompts)
-        with torch.autocast(embeds.device.type, torch.bfloat16):
+        with common.autocast(embeds.device, bf16):
             run = common.rollout(model, embeds, pooled, shape, sigmas, [s for _, _, s in part], 0.0, guidance,
                                  negative, bundle.decode)
         scored = score(run["images"], prompts, metas, names=names)
@@ -161,7 +161,7 @@ def fit_adapter(bundle, model, latents, prompts, layout, args, guidance):
     log, start = [], time.time()
     for step in tqdm(range(1, args.train_steps + 1), desc="fit"):
         idx = torch.tensor([generator.randrange(len(prompts)) for _ in range(args.batch_size)])
-        loss = common.flow_matching_loss(model, latents[idx], embeds[idx], pooled[idx], shift, args.bf16,
+        loss = common.flow_matching_loss(model, latents[idx], embeds[idx], pooled[idx], shift, args.train_bf16,
                                          args.fit_guidance, negative)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -189,7 +189,8 @@ def sft(args):
     guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
     steps = args.sample_steps or bundle.defaults["eval_steps"]
     model = evaluation.load_adapters(bundle.transformer, list(teachers.items()))
-    latents, prompts = teacher_samples(bundle, model, teachers, train_items, args.samples_per_task, steps, guidance, args.seed)
+    latents, prompts = teacher_samples(bundle, model, teachers, train_items, args.samples_per_task, steps, guidance, args.seed,
+                                       bf16=args.sample_bf16)
     log = fit_adapter(bundle, model, latents, prompts, common.adapter_layout(next(iter(teachers.values()))), args, guidance)
     write_result(model, log, args, f"SFT on {len(prompts)} teacher samples")
 
@@ -214,7 +215,7 @@ def best_of_n(args):
         with common.use_adapter(model, None):  # the base model samples
             latents, prompts, best, mean = best_of_n_samples(bundle, model, items, args.reward, args.n, args.sample_steps
                                                              or bundle.defaults["eval_steps"], guidance, args.seed,
-                                                             rewards.make_scorer(args, bundle))
+                                                             rewards.make_scorer(args, bundle), bf16=args.sample_bf16)
         common.atomic_torch_save({"latents": latents, "prompts": prompts, "best": best, "mean": mean}, cache)
     print(f"best-of-{args.n} {args.reward} reward: {best.mean():.3f} (a random sample: {mean.mean():.3f})")
     log = [{"prompts": len(items), "n": args.n, "best_reward": best.mean().item(), "mean_reward": mean.mean().item()}]
@@ -247,7 +248,6 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)  # SFT batch size
     p.add_argument("--lr", type=float, default=3e-4)  # SFT learning rate
     p.add_argument("--fit-guidance", type=float, default=None)  # CFG of the fitted velocity (default: the samples')
-    p.add_argument("--no-bf16", dest="bf16", action="store_false")  # fp32 instead of bf16 autocast
     p.add_argument("--seed", type=int, default=0)  # prompt choice, noise
     args = p.parse_args(argv)
     if args.method != "bestofn" and not args.teachers:

@@ -111,7 +111,7 @@ def guide_velocities(policy, batch, teacher_names, anchor_name, args):
         copies = 2 if with_anchor else 1
         embeds, pooled = batch["embeds"][idx].repeat(copies, 1, 1), batch["pooled"][idx].repeat(copies, 1)
         for j in range(len(sigmas) - 1):
-            with torch.autocast(states.device.type, torch.bfloat16, enabled=args.bf16):
+            with common.autocast(states.device, args.sample_bf16):
                 v = common.velocity(policy, states[idx, j].repeat(copies, 1, 1, 1), sigmas[j], embeds, pooled,
                                     args.guidance, args.negative, adapter_names=names).float()
             v_teacher[idx, j] = v[:len(names) // copies]
@@ -128,7 +128,8 @@ def sample_epoch(policy, bundle, picked, teachers, args, seed):
     sigmas = common.sampling_sigmas(bundle.scheduler, args.steps)
     batch = common.rollout_chunks(policy, embeds, pooled, bundle.latent_shape(bundle.resolution),
                                   sigmas, [seed + i for i in range(len(prompts))], args.train_batch_size,
-                                  args.noise_level, args.guidance, args.negative, None, args.bf16)
+                                  args.noise_level, args.guidance, args.negative, None,
+                                  args.train_bf16 if args.objective == "ppo" else args.sample_bf16)
     batch.update(prompts=prompts, routes=routes, embeds=embeds, pooled=pooled)
     return batch
 
@@ -157,7 +158,7 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
         chunk_loss = 0.0
         for j in range(steps):
             x, x_next = states[idx, j], states[idx, j + 1]
-            with torch.autocast(x.device.type, torch.bfloat16, enabled=args.bf16):
+            with common.autocast(x.device, args.train_bf16):
                 v = common.velocity(policy, x, sigmas[j], batch["embeds"][idx], batch["pooled"][idx], args.guidance,
                                     args.negative)
             loss, kl, ratio = opd_step_loss(args.objective, v, v_teacher[idx, j], x, x_next, batch["log_probs"][idx, j],
@@ -219,11 +220,10 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", type=int, default=64)  # student LoRA alpha without --init (paper: 64)
     p.add_argument("--max-grad-norm", type=float, default=1.0)  # gradient clipping (paper: 1.0)
     p.add_argument("--ema", type=float, default=0.9)  # EMA decay of the published adapter, per epoch
-    p.add_argument("--eval-every", type=int, default=5)  # epochs between test evaluations + checkpoints
+    p.add_argument("--eval-every", type=int, default=5)  # epochs between test evaluations + checkpoints (0: no evaluation)
     p.add_argument("--eval-steps", type=int, default=None)  # ODE steps at eval (default: the model's; paper: 40)
     p.add_argument("--eval-guidance", type=float, default=None)  # CFG at eval (default: the model's; paper: 4.5)
     p.add_argument("--max-bad-epochs", type=int, default=3)  # consecutive non-finite epochs before stopping
-    p.add_argument("--no-bf16", dest="bf16", action="store_false")  # fp32 instead of bf16 autocast
     p.add_argument("--seed", type=int, default=0)  # prompts, noise
     p.add_argument("--resume", action="store_true")  # continue from OUT/checkpoint
     args = p.parse_args(argv)
@@ -249,7 +249,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
     def evaluate(png):
         return evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance, png,
-                                          score, eval_rewards)
+                                          score, eval_rewards, args.sample_bf16)
     epoch, log = common.start_run(args, policy, optimizer, rng, evaluate)
     bad_epochs = 0
     for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage3"):

@@ -512,28 +512,29 @@ def test_items(dataset_seed=0):
     return [(m["prompt"], m) for m in sets["geneval"][1]] + [(p, None) for p in sets["ocr"][1]]
 
 
-def sample_images(bundle, prompts, seeds, num_steps, guidance_scale, noise_level=0.0, batch_size=64):
-    """Images of a ModelBundle for prompts/seeds (deterministic ODE by default), in batches."""
+def sample_images(bundle, prompts, seeds, num_steps, guidance_scale, noise_level=0.0, batch_size=64, bf16=None):
+    """Images of a ModelBundle for prompts/seeds (deterministic ODE by default), in batches, under bf16
+    autocast if `bf16` (default: where bf16 is fast, common.bf16_is_fast)."""
     import torch
-    from common import rollout, sampling_sigmas
+    from common import autocast, bf16_is_fast, rollout, sampling_sigmas
     sigmas = sampling_sigmas(bundle.scheduler, num_steps)
     negative = bundle.encode([""]) if guidance_scale != 1 else None
     images = []
     for i in range(0, len(prompts), batch_size):
         embeds, pooled = bundle.encode(prompts[i:i + batch_size])
-        with torch.autocast(embeds.device.type, torch.bfloat16):
+        with autocast(embeds.device, bf16_is_fast(embeds.device) if bf16 is None else bf16):
             out = rollout(bundle.transformer, embeds, pooled, bundle.latent_shape(bundle.resolution), sigmas,
                           seeds[i:i + batch_size], noise_level, guidance_scale, negative, bundle.decode)
         images.append(out["images"])
     return torch.cat(images)
 
 
-def evaluate(bundle, items, num_steps, guidance_scale, seed=0, scorer=None, names=REWARDS):
+def evaluate(bundle, items, num_steps, guidance_scale, seed=0, scorer=None, names=REWARDS, bf16=None):
     """Scores of a model on [(prompt, metadata)]: {"geneval_strict", "geneval", "ocr", "quality",
     "geneval/<tag>"...} means, and the images. Seeds are seed + index, so every model sees the same noise.
     `scorer`: a function with score()'s signature (default toy.score; rewards.make_scorer for real models)."""
     prompts, metas = [p for p, _ in items], [m for _, m in items]
-    images = sample_images(bundle, prompts, [seed + i for i in range(len(prompts))], num_steps, guidance_scale)
+    images = sample_images(bundle, prompts, [seed + i for i in range(len(prompts))], num_steps, guidance_scale, bf16=bf16)
     return summarize((scorer or score)(images, prompts, metas, names=names), metas), images
 
 
@@ -730,7 +731,7 @@ def specialist(args):
         keep = torch.rand(len(picked)) >= args.caption_dropout  # keeps CFG's empty-prompt branch in tune
         embeds = torch.where(keep[:, None, None], embeds, empty[0].expand_as(embeds))
         pooled = torch.where(keep[:, None], pooled, empty[1].expand_as(pooled))
-        loss = common.flow_matching_loss(policy, x0, embeds, pooled, bundle.scheduler.config.shift)
+        loss = common.flow_matching_loss(policy, x0, embeds, pooled, bundle.scheduler.config.shift, args.bf16)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -834,6 +835,7 @@ def main(argv=None):
     p.add_argument("--lora-rank", type=int, default=32)  # LoRA rank (the teachers' layout)
     p.add_argument("--lora-alpha", type=int, default=64)  # LoRA alpha
     p.add_argument("--caption-dropout", type=float, default=0.1)  # empty-prompt rate, as in pretraining
+    p.add_argument("--bf16", action="store_true")  # bf16 autocast (default fp32: 1.5x faster training on this CPU)
     p.add_argument("--seed", type=int, default=0)  # renders, noise
     p.set_defaults(func=specialist)
     p = sub.add_parser("latent-study", help="measure a small PCA latent space against pixel space")

@@ -122,12 +122,12 @@ def stage3_args(model_dir, adapters, prompt_files, out, *extra):
             "--lora-rank", "4", "--lora-alpha", "8", "--eval-every", "1", "--lr", "1e-2", *extra]
 
 
-def setup_policy(model_dir, adapters, anchor, bf16=True):
+def setup_policy(model_dir, adapters, anchor, bf16=False):
     bundle = common.load_model(model_dir)
     policy = common.make_policy(bundle.transformer, 4, 8)
     teacher_of, anchor_name = stage3.load_guides(policy, {"geneval": adapters["geneval"], "ocr": adapters["ocr"]}, anchor)
     args = types.SimpleNamespace(train_batch_size=4, mar_lambda=0.04, guidance=4.5, negative=bundle.encode([""]),
-                                 bf16=bf16, steps=3, noise_level=0.7, resolution=None, objective="pathwise",
+                                 train_bf16=bf16, sample_bf16=bf16, steps=3, noise_level=0.7, resolution=None, objective="pathwise",
                                  kl_weighting="paper", clip_range=1e-3, gamma=0.0, max_grad_norm=1.0)
     return bundle, policy, teacher_of, anchor_name, args
 

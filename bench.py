@@ -9,6 +9,7 @@ other tools) and BENCHMARKS.md is rewritten from it.
     python bench.py loops     # the share of Stage 1 / Stage 3 training-loop time spent inside the
                               #   transformer's forward and backward (miniature defaults, 2 epochs each)
     python bench.py modes     # eager / torch.compile x fp32 / bf16 autocast, training pass and forward
+    python bench.py pipeline  # minutes of the README's main command (python pipeline.py) from scratch
 
 Each SD3.5-M measurement runs in its own process, so that its peak RSS is its own.
 """
@@ -253,6 +254,16 @@ def modes(results, batch=16, repeats=5):
     results["compile_speedup_forward_bf16"] = timings["eager_bf16_forward"] / timings["compiled_bf16_forward"]
 
 
+def pipeline_minutes(results):
+    """Wall minutes of the README's main command, `python pipeline.py`, from scratch (it writes results/)."""
+    import pipeline
+    if os.path.exists("runs"):
+        raise SystemExit("bench.py pipeline times the pipeline from scratch: move the runs/ folder away first")
+    start = time.perf_counter()
+    pipeline.main([])
+    results["full_pipeline_minutes"] = (time.perf_counter() - start) / 60
+
+
 def run_worker(*args):
     out = subprocess.run([sys.executable, __file__, "sd35m-worker", *map(str, args)], capture_output=True, text=True)
     if out.returncode != 0:
@@ -284,24 +295,27 @@ def write(results, command):
     if "sd35m_opd_step_gflop_256" in results and "peak_bf16_gflops" in results:  # against the latest peak
         results["sd35m_opd_step_mfu"] = (results["sd35m_opd_step_gflop_256"] / results["sd35m_opd_step_seconds_256"]
                                          / results["peak_bf16_gflops"])
-    results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    results["machine"] = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {common.bf16_is_fast()}")
     results.setdefault("commands", [])
     if command not in results["commands"]:
         results["commands"].append(command)
+    results.setdefault("machine_of", {})[command] = results["machine"]  # machines differ between sessions
     with open(RESULTS + ".tmp", "w") as f:
         json.dump(results, f, indent=1)
     os.replace(RESULTS + ".tmp", RESULTS)
-    lines = ["# Benchmarks", "", f"Machine: {results['machine']}. Commands: " + "; ".join(f"`{c}`" for c in results["commands"]),
-             "", "| key | value |", "|---|---|"]
+    lines = ["# Benchmarks", "", "Each command's numbers come from the machine it last ran on:", ""]
+    lines += [f"- `{c}`: {results['machine_of'].get(c, 'x86_64, 2 cores, torch 2.13.0+cpu, native bf16')}" for c in results["commands"]]
+    lines += ["", "| key | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()
-              if k not in ("machine", "commands")]
+              if k not in ("machine", "commands", "machine_of")]
     with open("BENCHMARKS.md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["peak", "sd35m", "loops", "modes", "sd35m-worker"])  # which benchmark
+    p.add_argument("what", choices=["peak", "sd35m", "loops", "modes", "pipeline", "sd35m-worker"])  # which benchmark
     p.add_argument("worker_args", nargs="*")  # internal: layout, resolution, checkpointing of one worker
     args = p.parse_args(argv)
     if args.what == "sd35m-worker":
@@ -315,6 +329,8 @@ def main(argv=None):
         loops(results)
     elif args.what == "modes":
         modes(results)
+    elif args.what == "pipeline":
+        pipeline_minutes(results)
     else:
         sd35m(results)
     write(results, f"python bench.py {args.what}")

@@ -9,6 +9,8 @@ other tools) and BENCHMARKS.md is rewritten from it.
     python bench.py loops     # the share of Stage 1 / Stage 3 training-loop time spent inside the
                               #   transformer's forward and backward (miniature defaults, 2 epochs each)
     python bench.py modes     # eager / torch.compile x fp32 / bf16 autocast, training pass and forward
+    python bench.py sampler   # images per second of the miniature eval sampler
+    python bench.py overheads # before/after seconds of the overheads the stages avoid
     python bench.py pipeline  # minutes of the README's main command (python pipeline.py) from scratch
 
 Each SD3.5-M measurement runs in its own process, so that its peak RSS is its own.
@@ -174,15 +176,20 @@ def sd35m_worker(layout, resolution, checkpointing, steps=2):
 def loop_efficiency(stage_main, argv):
     """Runs a stage's main(argv) and splits the wall time of its training epochs (everything but model
     loading and the test evaluations) into time inside the transformer's forward and autograd's backward,
-    and the rest (sampling bookkeeping, scoring, logging, I/O). Returns (fraction inside, seconds)."""
+    and the rest (sampling bookkeeping, scoring, logging, I/O). Returns (fraction inside, seconds,
+    {"grad": samples through a forward with gradients, "no_grad": samples through a no-grad forward})."""
     from diffusers import SD3Transformer2DModel
     import eval as evaluation
     clock = {"model": 0.0, "excluded": 0.0, "excluding": False, "depth": 0}
+    samples = {"grad": 0, "no_grad": 0}
 
     def timed(function, key):
         def wrapper(*args, **kwargs):
             if clock["depth"] or (key == "model" and clock["excluding"]):
                 return function(*args, **kwargs)  # nested (a forward inside a forward) or inside an evaluation
+            if function is originals[0]:
+                x = kwargs.get("hidden_states", args[1] if len(args) > 1 else None)
+                samples["grad" if torch.is_grad_enabled() else "no_grad"] += len(x)
             clock["depth"] += 1
             clock["excluding"] = key == "excluded"
             start = time.perf_counter()
@@ -208,20 +215,47 @@ def loop_efficiency(stage_main, argv):
         (SD3Transformer2DModel.forward, torch.autograd.backward, evaluation.evaluate_policy,
          common.load_model_from_args, common.save_adapter) = originals
     loop = total - clock["excluded"]
-    return clock["model"] / loop, loop
+    return clock["model"] / loop, loop, samples
+
+
+def miniature_flops_per_sample():
+    """FLOPs of one sample through the miniature transformer with a LoRA (its text tokens included):
+    (no-grad forward, forward + backward to the LoRA weights), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    bundle = common.load_model("miniature/base")
+    policy = common.make_policy(bundle.transformer, 32, 64, targets=bundle.defaults["lora_targets"])
+    x, (embeds, pooled) = torch.randn(8, *bundle.latent_shape(bundle.resolution)), bundle.encode(["a red circle"] * 8)
+    counts = []
+    for grad in (False, True):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.set_grad_enabled(grad):
+            v = common.velocity(policy, x, 0.5, embeds, pooled)
+            if grad:
+                v.square().mean().backward()
+        counts.append(counter.get_total_flops() / len(x))
+    return counts
 
 
 def loops(results, out="runs/bench-loops"):
+    """Loop efficiency, training throughput (SDE trajectory-steps per second, rollouts and updates
+    included) and achieved FLOP/s of Stage 1 and Stage 3 at the miniature defaults, 2 epochs each."""
     import stage1_grpo
     import stage3_opd
-    fraction1, seconds1 = loop_efficiency(stage1_grpo.main, ["--reward", "geneval", "--epochs", "2", "--eval-every", "1000",
-                                                             "--out", f"{out}/stage1"])
     adapters = "results/adapters"
-    fraction3, seconds3 = loop_efficiency(stage3_opd.main, [
-        "--teachers", f"geneval={adapters}/teacher-geneval,ocr={adapters}/teacher-ocr", "--anchor",
-        f"{adapters}/teacher-quality", "--epochs", "2", "--eval-every", "1000", "--out", f"{out}/stage3"])
-    results.update({"loop_efficiency_stage1": fraction1, "loop_seconds_stage1_2_epochs": seconds1,
-                    "loop_efficiency_stage3": fraction3, "loop_seconds_stage3_2_epochs": seconds3})
+    runs = {"stage1": (stage1_grpo.main, ["--reward", "geneval", "--epochs", "2", "--eval-every", "0",
+                                          "--out", f"{out}/stage1"], 2 * 8 * 8 * 10),
+            "stage3": (stage3_opd.main, ["--teachers", f"geneval={adapters}/teacher-geneval,ocr={adapters}/teacher-ocr",
+                                         "--anchor", f"{adapters}/teacher-quality", "--epochs", "2", "--eval-every", "0",
+                                         "--out", f"{out}/stage3"], 2 * 32 * 10)}  # epochs x trajectories x steps
+    forward_flops, train_flops = miniature_flops_per_sample()
+    peak = matmul_peak(torch.float32, sizes=(1024, 2048), repeats=10)  # the loops run in fp32 where bf16 is emulated
+    for name, (main, argv, trajectory_steps) in runs.items():
+        fraction, seconds, samples = loop_efficiency(main, argv)
+        gflops = (samples["no_grad"] * forward_flops + samples["grad"] * train_flops) / seconds / 1e9
+        results.update({f"loop_efficiency_{name}": fraction, f"loop_seconds_{name}_2_epochs": seconds,
+                        f"{name}_trajectory_steps_per_second": trajectory_steps / seconds,
+                        f"{name}_loop_gflops": gflops, f"{name}_loop_mfu_fp32": gflops / peak})
+    results["loops_fp32_peak_gflops"] = peak
 
 
 def modes(results, batch=16, repeats=5):
@@ -247,11 +281,95 @@ def modes(results, batch=16, repeats=5):
                     v.float().square().mean().backward()
                 seconds.append(time.perf_counter() - start)
             timings[f"{name}_{'train' if grad else 'forward'}"] = min(seconds[1:])
+            if name.startswith("compiled"):  # the first call's extra time: what --compile costs per run and shape
+                results[f"miniature_compile_seconds_{name}_{'train' if grad else 'forward'}"] = seconds[0] - min(seconds[1:])
     results.update({f"miniature_seconds_{k}": v for k, v in timings.items()})
     results["compile_speedup_train_bf16"] = timings["eager_bf16_train"] / timings["compiled_bf16_train"]
     results["bf16_speedup_train_eager"] = timings["eager_fp32_train"] / timings["eager_bf16_train"]
     results["bf16_speedup_forward_eager"] = timings["eager_fp32_forward"] / timings["eager_bf16_forward"]
     results["compile_speedup_forward_bf16"] = timings["eager_bf16_forward"] / timings["compiled_bf16_forward"]
+
+
+def sampler(results, prompts=64, steps=20):
+    """Images per second of the miniature eval sampler (deterministic ODE, 20 steps, CFG 4.5, batch 64,
+    the default sampling precision of this machine)."""
+    import toy
+    bundle = common.load_model("miniature/base")
+    items = toy.test_items()[:prompts]
+    toy.sample_images(bundle, [p for p, _ in items[:4]], list(range(4)), 2, 4.5)  # warm-up
+    start = time.perf_counter()
+    toy.sample_images(bundle, [p for p, _ in items], list(range(prompts)), steps, 4.5)
+    results["sampler_images_per_second"] = prompts / (time.perf_counter() - start)
+    results["sampler_bf16"] = common.bf16_is_fast()
+
+
+def best_seconds(function, repeats=5):
+    function()  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        seconds.append(time.perf_counter() - start)
+    return min(seconds)
+
+
+def overheads(results, batch=16):
+    """Before/after seconds of the overheads the stages avoid, on the miniature model (batch 16, CFG 4.5):
+    teacher and anchor velocities in one mixed-adapter call vs two calls; the single conditional call at
+    guidance 1 vs a doubled CFG batch; a per-step .item() host sync vs accumulating on the device;
+    encoding the epoch's prompts once vs at every step."""
+    import stage3_opd
+    bundle = common.load_model("miniature/base")
+    policy = common.make_policy(bundle.transformer, 32, 64, targets=bundle.defaults["lora_targets"])
+    adapters = "results/adapters"
+    teacher_of, anchor = stage3_opd.load_guides(policy, {"geneval": f"{adapters}/teacher-geneval",
+                                                         "ocr": f"{adapters}/teacher-ocr"}, f"{adapters}/teacher-quality")
+    x = torch.randn(batch, *bundle.latent_shape(bundle.resolution))
+    prompts = ["a photo of a red circle", 'a sign that says "K7"'] * (batch // 2)
+    embeds, pooled = bundle.encode(prompts)
+    negative = bundle.encode([""])
+    names = [teacher_of["geneval"], teacher_of["ocr"]] * (batch // 2)
+
+    @torch.no_grad()
+    def mixed():
+        common.velocity(policy, x.repeat(2, 1, 1, 1), 0.5, embeds.repeat(2, 1, 1), pooled.repeat(2, 1), 4.5, negative,
+                        adapter_names=names + [anchor] * batch)
+
+    @torch.no_grad()
+    def separate():  # one call per teacher (each on its own samples) and one for the anchor
+        for name in (teacher_of["geneval"], teacher_of["ocr"], anchor):
+            rows = [i for i, n in enumerate(names) if n == name] if name != anchor else list(range(batch))
+            with common.use_adapter(policy, name):
+                common.velocity(policy, x[rows], 0.5, embeds[rows], pooled[rows], 4.5, negative)
+
+    @torch.no_grad()
+    def guided(scale):
+        return lambda: common.velocity(policy, x, 0.5, embeds, pooled, scale, negative)
+
+    def train_steps(sync):
+        def run():
+            total = torch.zeros(())
+            for _ in range(3):
+                v = common.velocity(policy, x, 0.5, embeds, pooled, 4.5, negative)
+                loss = v.square().mean()
+                loss.backward()
+                if sync:
+                    float(loss.item())
+                else:
+                    total += loss.detach()
+            total.item()
+        return run
+    steps = 10
+    results.update({
+        "overhead_guides_seconds_separate_calls": best_seconds(separate),
+        "overhead_guides_seconds_one_mixed_call": best_seconds(mixed),
+        "overhead_cfg_seconds_doubled_batch_at_guidance_1": best_seconds(guided(1.0000001)),
+        "overhead_cfg_seconds_single_call_at_guidance_1": best_seconds(guided(1.0)),
+        "overhead_sync_seconds_3_steps_item_per_step": best_seconds(train_steps(True)),
+        "overhead_sync_seconds_3_steps_accumulated": best_seconds(train_steps(False)),
+        "overhead_text_seconds_encode_every_step": best_seconds(lambda: [bundle.encode(prompts) for _ in range(steps)]),
+        "overhead_text_seconds_encode_once": best_seconds(lambda: bundle.encode(prompts)),
+    })
 
 
 def pipeline_minutes(results):
@@ -272,6 +390,7 @@ def run_worker(*args):
 
 
 def sd35m(results):
+    peak = matmul_peak(torch.bfloat16)
     adapters = run_worker("adapters", 256, 0)
     copies = run_worker("copies", 256, 0)
     plain = run_worker("student", 512, 0)
@@ -288,13 +407,12 @@ def sd35m(results):
         "sd35m_train_step_512_peak_rss_gib_checkpointing": checkpointed["peak_rss_gib"],
         "sd35m_train_step_512_seconds": plain["step_seconds"],
         "sd35m_train_step_512_seconds_checkpointing": checkpointed["step_seconds"],
+        "sd35m_peak_bf16_gflops": peak,  # measured here, on the same machine as the step
+        "sd35m_opd_step_mfu": adapters["flops"] / adapters["step_seconds"] / 1e9 / peak,
     })
 
 
 def write(results, command):
-    if "sd35m_opd_step_gflop_256" in results and "peak_bf16_gflops" in results:  # against the latest peak
-        results["sd35m_opd_step_mfu"] = (results["sd35m_opd_step_gflop_256"] / results["sd35m_opd_step_seconds_256"]
-                                         / results["peak_bf16_gflops"])
     results["machine"] = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {common.bf16_is_fast()}")
     results.setdefault("commands", [])
@@ -315,7 +433,8 @@ def write(results, command):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["peak", "sd35m", "loops", "modes", "pipeline", "sd35m-worker"])  # which benchmark
+    p.add_argument("what", choices=["peak", "sd35m", "loops", "modes", "sampler", "overheads", "pipeline",
+                                    "sd35m-worker"])  # which benchmark
     p.add_argument("worker_args", nargs="*")  # internal: layout, resolution, checkpointing of one worker
     args = p.parse_args(argv)
     if args.what == "sd35m-worker":
@@ -331,6 +450,10 @@ def main(argv=None):
         modes(results)
     elif args.what == "pipeline":
         pipeline_minutes(results)
+    elif args.what == "sampler":
+        sampler(results)
+    elif args.what == "overheads":
+        overheads(results)
     else:
         sd35m(results)
     write(results, f"python bench.py {args.what}")

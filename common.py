@@ -7,6 +7,7 @@ the model predicts the velocity eps - x0 and is fed timestep = 1000 sigma. Log-p
 AVERAGED over dimensions (the released Flow-GRPO convention, to which its PPO clip range is
 calibrated); the KL has both weightings (M3).
 """
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -665,9 +666,10 @@ def start_run(args, policy, optimizer, rng, evaluate):
         epoch, log = load_checkpoint(args.out, policy, optimizer, rng)
         print(f"resumed from {args.out}/checkpoint at epoch {epoch}")
         return epoch, log
-    log = [{"epoch": 0, "trajectories": 0, **({"eval": evaluate(None)} if args.eval_every > 0 else {})}]
-    with open(os.path.join(args.out, "log.jsonl"), "w") as f:
-        f.write(json.dumps(log[0]) + "\n")
+    log = [{"epoch": 0, "trajectories": 0, **({"eval": evaluate(None)} if args.eval_every > 0 and args.rank == 0 else {})}]
+    if args.rank == 0:  # only the first process evaluates and writes
+        with open(os.path.join(args.out, "log.jsonl"), "w") as f:
+            f.write(json.dumps(log[0]) + "\n")
     return 0, log
 
 
@@ -679,17 +681,19 @@ def end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, eva
     epoch = record["epoch"]
     evaluating = args.eval_every > 0
     due = not evaluating or epoch % args.eval_every == 0 or epoch == args.epochs
-    if due and evaluating:
+    first = args.rank == 0  # only the first process evaluates and writes
+    if due and evaluating and first:
         record["eval"] = evaluate(os.path.join(args.out, f"samples_epoch{epoch:04d}.png"))
     log.append(record)
-    from tqdm import tqdm
-    tqdm.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}))
-    with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    if first:
+        from tqdm import tqdm
+        tqdm.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}))
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
     if bad_epochs >= args.max_bad_epochs:
         raise SystemExit(f"stopping: {bad_epochs} epochs in a row had a non-finite loss or reward; the last "
                          f"good checkpoint is {args.out}/checkpoint")
-    if finite and due:
+    if finite and due and first:
         save_checkpoint(args.out, policy, optimizer, epoch, rng, log)
 
 
@@ -698,17 +702,87 @@ def shift_sigmas(sigma, shift):
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-def flow_matching_loss(model, x0, embeds, pooled, shift=3.0, bf16=False, guidance_scale=1.0, negative=None):
+def flow_matching_loss(model, x0, embeds, pooled, shift=3.0, bf16=False, guidance_scale=1.0, negative=None,
+                       sigma=None, noise=None):
     """Rectified-flow loss || v(x_sigma, sigma, c) - (eps - x0) ||^2 at x_sigma = (1 - sigma) x0 + sigma eps,
     sigma logit-normal(0, 1) then time-shifted like the sampler (METHOD.md §0, M6's SFT). With
     guidance_scale w != 1 the guided velocity is fitted: samples drawn with CFG w are then the model's
-    own CFG-w distribution, instead of having guidance applied twice at sampling."""
-    sigma = shift_sigmas(torch.sigmoid(torch.randn(len(x0), device=x0.device)), shift)
-    noise = torch.randn_like(x0)
+    own CFG-w distribution, instead of having guidance applied twice at sampling. `sigma`, `noise`: given
+    draws (e.g. one process's share of a global batch's), else drawn here."""
+    sigma = shift_sigmas(torch.sigmoid(torch.randn(len(x0), device=x0.device)), shift) if sigma is None else sigma
+    noise = torch.randn_like(x0) if noise is None else noise
     x_sigma = _as_batch(1 - sigma, x0) * x0 + _as_batch(sigma, x0) * noise
     with autocast(x0.device, bf16):
         v = velocity(model, x_sigma, sigma, embeds, pooled, guidance_scale, negative)
     return ((v.float() - (noise - x0)) ** 2).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (torchrun): every process draws the same global batch and keeps its shard;
+# rewards are gathered, gradients and statistics summed, so the run equals the single-process one
+
+
+def init_distributed(args):
+    """Under `torchrun --nproc_per_node N`: joins the process group (nccl on GPU, gloo on CPU) and puts
+    this process on its own GPU. Sets args.rank and args.world (0 and 1 without torchrun)."""
+    args.rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.world > 1 and not torch.distributed.is_initialized():
+        cuda = str(args.device).startswith("cuda")
+        if cuda:
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(args.device)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(torch.distributed.destroy_process_group)
+
+
+def check_divisible(args, **sizes):
+    """Every global batch size must split evenly over the processes (else the shards, and the mean
+    the single-process run takes, would differ)."""
+    for flag, size in sizes.items():
+        if size % args.world:
+            raise ValueError(f"--{flag.replace('_', '-')} {size} does not split over {args.world} processes; "
+                             f"expected a multiple of {args.world}")
+
+
+def shard(items, args):
+    """This process's share of a global batch: items rank, rank + world, rank + 2 world, ... Shards of
+    consecutive chunks of the global batch are consecutive chunks of the shard."""
+    return items[args.rank::args.world]
+
+
+def gather(values, args):
+    """The inverse of shard(): the global batch, in its order, from every process's shard (a tensor)."""
+    if args.world == 1:
+        return values
+    parts = [torch.empty_like(values) for _ in range(args.world)]
+    torch.distributed.all_gather(parts, values.contiguous())
+    return torch.stack(parts, 1).flatten(0, 1)  # global item k * world + r is shard r's item k
+
+
+def all_reduce(values, args, op="sum"):
+    """A float tensor summed (or "min", "max") over processes; unchanged with one process."""
+    if args.world > 1:
+        ops = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN,
+               "max": torch.distributed.ReduceOp.MAX}
+        torch.distributed.all_reduce(values, ops[op])
+    return values
+
+
+def sync_gradients(params, args):
+    """Sums the gradients over processes in one call. Each process's loss is its shard's share of the
+    global mean (a sum over its items / the global count), so the sum is the single-process gradient.
+    (torch's DistributedDataParallel does the same per backward; here the gradients of all N steps of
+    a chunk are accumulated first, and peft's adapter switching needs the bare model, so one explicit
+    all-reduce per optimizer step is simpler and sends less.)"""
+    if args.world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for param, grad in zip(params, grads):
+        param.grad = flat[offset:offset + grad.numel()].view_as(grad)
+        offset += grad.numel()
 
 
 # ----------------------------------------------------------------------------------------------

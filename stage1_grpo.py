@@ -104,22 +104,28 @@ def sde_window(args, rng):
 
 def sample_epoch(policy, bundle, items, rewards, args, rng, seed):
     """G on-policy rollouts (M1) for each of M prompts, scored by `rewards`. With an SDE window, a
-    group shares its initial noise and differs only in the window's noise."""
+    group shares its initial noise and differs only in the window's noise. Every process draws the
+    same global batch and rolls out its shard; the scores are gathered, so advantages use the global
+    batch (its per-prompt means and global std)."""
     picked = [items[rng.randrange(len(items))] for _ in range(args.prompts_per_epoch)]
     prompts = [p for p, _ in picked for _ in range(args.group_size)]
     metas = [m for _, m in picked for _ in range(args.group_size)]
     trained_steps = sde_window(args, rng)
     levels = [args.noise_level if j in trained_steps else 0.0 for j in range(args.steps)]
-    embeds, pooled = bundle.encode(prompts)
     sigmas = common.sampling_sigmas(bundle.scheduler, args.steps)
     shape = bundle.latent_shape(bundle.resolution)
     groups = np.repeat(np.arange(len(picked)), args.group_size)
-    batch = common.rollout_chunks(policy, embeds, pooled, shape, sigmas, [seed + i for i in range(len(prompts))],
-                                  args.train_batch_size, levels if args.sde_window > 0 else args.noise_level,
+    seeds, init_seeds = [seed + i for i in range(len(prompts))], [seed + 7919 * (g + 1) for g in groups]
+    my_prompts, my_metas = common.shard(prompts, args), common.shard(metas, args)
+    embeds, pooled = bundle.encode(my_prompts)
+    batch = common.rollout_chunks(policy, embeds, pooled, shape, sigmas, common.shard(seeds, args),
+                                  args.local_batch_size, levels if args.sde_window > 0 else args.noise_level,
                                   args.guidance, args.negative, bundle.decode, args.train_bf16,
-                                  [seed + 7919 * (g + 1) for g in groups] if args.sde_window > 0 else None)
-    batch.update(prompts=prompts, metas=metas, embeds=embeds, pooled=pooled, groups=groups, trained_steps=trained_steps,
-                 scores=args.score(batch["images"], prompts, metas, names=tuple(rewards)))
+                                  common.shard(init_seeds, args) if args.sde_window > 0 else None)
+    my_scores = args.score(batch["images"], my_prompts, my_metas, names=tuple(rewards))
+    scores = {name: common.gather(torch.as_tensor(np.asarray(v, np.float64)), args).numpy() for name, v in my_scores.items()}
+    batch.update(prompts=my_prompts, metas=my_metas, embeds=embeds, pooled=pooled, groups=groups,
+                 trained_steps=trained_steps, scores=scores)
     return batch
 
 
@@ -150,29 +156,41 @@ def policy_step_loss(policy, batch, idx, j, advantages, args):
 
 def train_on_epoch(policy, batch, advantages, informative, optimizer, args):
     """One optimizer step per chunk of trajectories, gradients accumulated over its trained (SDE)
-    steps. Zero-variance groups are skipped. Returns the epoch's statistics."""
-    trained_steps = batch["trained_steps"]
+    steps. Zero-variance groups are skipped. `advantages`/`informative` are the global batch's; each
+    process trains on its shard of every chunk, its loss weighted by its share of the chunk, and the
+    gradients are summed over processes. Returns the epoch's statistics."""
+    trained_steps, device = batch["trained_steps"], batch["states"].device
     stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_min": math.inf, "ratio_max": -math.inf, "updates": 0}
     params = [p for p in policy.parameters() if p.requires_grad]
     for start in range(0, len(advantages), args.train_batch_size):
-        idx = torch.arange(start, min(start + args.train_batch_size, len(advantages)))
-        idx = idx[torch.as_tensor(informative[idx.numpy()])]
-        if len(idx) == 0:
+        count = int(informative[start:start + args.train_batch_size].sum())  # the chunk's trained trajectories
+        if count == 0:
             continue
-        adv = torch.as_tensor(advantages[idx.numpy()], dtype=torch.float32, device=batch["states"].device)
+        local = torch.arange(start // args.world, min(start + args.train_batch_size, len(advantages)) // args.world)
+        global_index = local.numpy() * args.world + args.rank
+        idx = local[torch.as_tensor(informative[global_index])]
+        adv = torch.as_tensor(advantages[global_index[informative[global_index]]], dtype=torch.float32, device=device)
         adv = adv.clamp(-args.adv_clip, args.adv_clip)
+        share = len(idx) / count / len(trained_steps)  # of the chunk's mean over trajectories and steps
+        sums = torch.zeros(3, device=device)  # loss, KL, clipped fraction: no host sync per step
+        ratio_min, ratio_max = torch.full((), math.inf, device=device), torch.full((), -math.inf, device=device)
         optimizer.zero_grad(set_to_none=True)
-        for j in trained_steps:
+        for j in trained_steps if len(idx) else []:
             loss, kl, ratio = policy_step_loss(policy, batch, idx, j, adv, args)
-            (loss / len(trained_steps)).backward()
-            stats["loss"] += loss.item() / len(trained_steps)
-            stats["kl"] += kl.item() / len(trained_steps)
-            stats["clip_frac"] += ((ratio - 1).abs() > args.clip_range).float().mean().item() / len(trained_steps)
-            stats["ratio_min"] = min(stats["ratio_min"], ratio.min().item())
-            stats["ratio_max"] = max(stats["ratio_max"], ratio.max().item())
+            (loss * share).backward()
+            clipped = ((ratio - 1).abs() > args.clip_range).float().mean()
+            sums += torch.stack([loss.detach(), kl.detach(), clipped]) * share
+            ratio_min, ratio_max = torch.minimum(ratio_min, ratio.detach().min()), torch.maximum(ratio_max, ratio.detach().max())
+        sums = common.all_reduce(sums, args).tolist()
+        stats["loss"] += sums[0]
+        stats["kl"] += sums[1]
+        stats["clip_frac"] += sums[2]
+        stats["ratio_min"] = min(stats["ratio_min"], common.all_reduce(ratio_min, args, "min").item())
+        stats["ratio_max"] = max(stats["ratio_max"], common.all_reduce(ratio_max, args, "max").item())
         if not math.isfinite(stats["loss"]):
             optimizer.zero_grad(set_to_none=True)
             return stats
+        common.sync_gradients(params, args)
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         stats["updates"] += 1
@@ -231,8 +249,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     args.rewards = parse_rewards(args.reward)
+    common.init_distributed(args)  # torchrun: one process per GPU (or CPU share), each on a shard of every batch
+    common.check_divisible(args, group_size=args.group_size, train_batch_size=args.train_batch_size)
+    args.local_batch_size = args.train_batch_size // args.world
     torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
+    rng = random.Random(args.seed)  # the same on every process: they draw the same global batch
     bundle = common.load_model_from_args(args)
     args.score, args.eval_rewards = rewards.from_args(args, bundle)
     common.sampling_defaults(args, bundle)
@@ -249,7 +270,8 @@ def main(argv=None):
                                           args.score, args.eval_rewards, args.sample_bf16)
     epoch, log = common.start_run(args, policy, optimizer, rng, evaluate)
     bad_epochs = 0
-    for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage1"):
+    for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage1",
+                      disable=args.rank > 0):
         start = time.time()
         epoch_rewards, items = args.rewards, train_items
         if args.mix == "alternate" and len(args.rewards) > 1:  # the released per-epoch task schedule
@@ -271,8 +293,9 @@ def main(argv=None):
                   "skipped_groups": int(len(set(groups)) - len(set(groups[informative]))),
                   "seconds": time.time() - start, **(stats or {}), "skipped_update": not finite}
         common.end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate)
-    common.save_adapter(policy, "ema", os.path.join(args.out, "adapter"))
-    print(f"wrote {args.out}/adapter (the EMA teacher, peft format)")
+    if args.rank == 0:
+        common.save_adapter(policy, "ema", os.path.join(args.out, "adapter"))
+        print(f"wrote {args.out}/adapter (the EMA teacher, peft format)")
 
 
 if __name__ == "__main__":

@@ -94,8 +94,10 @@ def merge(args):
 
 
 @torch.no_grad()
-def teacher_samples(bundle, model, teachers, items_by_task, per_task, steps, guidance, seed, batch_size=32, bf16=False):
-    """For each task: `per_task` training prompts sampled with its teacher's deterministic ODE.
+def teacher_samples(bundle, model, teachers, items_by_task, per_task, steps, guidance, seed, args, batch_size=32,
+                    bf16=False):
+    """For each task: `per_task` training prompts sampled with its teacher's deterministic ODE (prompt i
+    with seed seed + i; under torchrun each process samples its shard and all get every sample).
     Returns (final latents (K * per_task, C, h, w), their prompts)."""
     latents, prompts = [], []
     negative = bundle.encode([""]) if guidance != 1 else None
@@ -104,30 +106,35 @@ def teacher_samples(bundle, model, teachers, items_by_task, per_task, steps, gui
     for task in teachers:
         items = items_by_task[task]
         picked = [items[i][0] for i in random.Random(seed).sample(range(len(items)), min(per_task, len(items)))]
+        common.check_divisible(args, samples_per_task=len(picked))
+        mine, task_latents = common.shard(list(enumerate(picked)), args), []
         with common.use_adapter(model, task):
-            for start in tqdm(range(0, len(picked), batch_size), desc=f"sampling {task} teacher"):
-                part = picked[start:start + batch_size]
-                embeds, pooled = bundle.encode(part)
+            for start in tqdm(range(0, len(mine), batch_size), desc=f"sampling {task} teacher", disable=args.rank > 0):
+                part = mine[start:start + batch_size]
+                embeds, pooled = bundle.encode([p for _, p in part])
                 with common.autocast(embeds.device, bf16):
-                    run = common.rollout(model, embeds, pooled, shape, sigmas, [seed + start + i for i in range(len(part))],
-                                         0.0, guidance, negative)
-                latents.append(run["states"][:, -1])
-                prompts += part
+                    run = common.rollout(model, embeds, pooled, shape, sigmas, [seed + i for i, _ in part], 0.0,
+                                         guidance, negative)
+                task_latents.append(run["states"][:, -1])
+        latents.append(common.gather(torch.cat(task_latents), args))
+        prompts += picked
     return torch.cat(latents), prompts
 
 
 @torch.no_grad()
-def best_of_n_samples(bundle, model, items, reward, n, steps, guidance, seed, score, batch_size=64, bf16=False):
+def best_of_n_samples(bundle, model, items, reward, n, steps, guidance, seed, score, args, batch_size=64, bf16=False):
     """For each (prompt, metadata): n deterministic-ODE samples of the model (seeds differ), scored
-    by `reward` ("task": the reward of the prompt's own task), and the best kept. Returns (final
-    latents (P, C, h, w), prompts, best rewards, mean rewards)."""
+    by `reward` ("task": the reward of the prompt's own task), and the best kept (under torchrun each
+    process samples and scores its shard of the candidates). Returns (final latents (P, C, h, w),
+    prompts, best rewards, mean rewards)."""
     negative = bundle.encode([""]) if guidance != 1 else None
     sigmas = common.sampling_sigmas(bundle.scheduler, steps)
     shape = bundle.latent_shape(bundle.resolution)
     names = ("geneval", "ocr") if reward == "task" else (reward,)
     candidates = [(p, m, seed + 1000 * i + k) for i, (p, m) in enumerate(items) for k in range(n)]
-    latents, scores = [], []
-    for start in tqdm(range(0, len(candidates), batch_size), desc=f"best of {n}"):
+    common.check_divisible(args, n=n)
+    candidates, latents, scores = common.shard(candidates, args), [], []
+    for start in tqdm(range(0, len(candidates), batch_size), desc=f"best of {n}", disable=args.rank > 0):
         part = candidates[start:start + batch_size]
         prompts, metas = [p for p, _, _ in part], [m for _, m, _ in part]
         embeds, pooled = bundle.encode(prompts)
@@ -137,7 +144,8 @@ def best_of_n_samples(bundle, model, items, reward, n, steps, guidance, seed, sc
         scored = score(run["images"], prompts, metas, names=names)
         scores += np.nanmax(np.stack([scored[k] for k in names]), 0).tolist()  # task: the one that applies
         latents.append(run["states"][:, -1])
-    latents, scores = torch.cat(latents).unflatten(0, (len(items), n)), torch.tensor(scores).view(len(items), n)
+    latents = common.gather(torch.cat(latents), args).unflatten(0, (len(items), n))
+    scores = common.gather(torch.tensor(scores, dtype=torch.float64), args).view(len(items), n)
     best = scores.argmax(1)
     return latents[torch.arange(len(items)), best], [p for p, _ in items], scores.max(1).values, scores.mean(1)
 
@@ -159,19 +167,27 @@ def fit_adapter(bundle, model, latents, prompts, layout, args, guidance):
     generator = random.Random(args.seed)
     shift = bundle.scheduler.config.get("shift", 3.0)
     log, start = [], time.time()
-    for step in tqdm(range(1, args.train_steps + 1), desc="fit"):
+    for step in tqdm(range(1, args.train_steps + 1), desc="fit", disable=args.rank > 0):
         idx = torch.tensor([generator.randrange(len(prompts)) for _ in range(args.batch_size)])
-        loss = common.flow_matching_loss(model, latents[idx], embeds[idx], pooled[idx], shift, args.train_bf16,
-                                         args.fit_guidance, negative)
+        # the global batch's time and noise draws, the same on every process; each keeps its shard
+        sigma = common.shift_sigmas(torch.sigmoid(torch.randn(args.batch_size)), shift).to(latents.device)
+        noise = torch.randn(args.batch_size, *latents.shape[1:]).to(latents.device)
+        mine = common.shard(torch.arange(args.batch_size), args)
+        loss = common.flow_matching_loss(model, latents[idx[mine]], embeds[idx[mine]], pooled[idx[mine]], shift,
+                                         args.train_bf16, args.fit_guidance, negative, sigma[mine], noise[mine])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * len(mine) / args.batch_size).backward()
+        common.sync_gradients(params, args)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        loss = common.all_reduce(loss.detach() * len(mine) / args.batch_size, args)
         log.append({"step": step, "loss": loss.item(), "seconds": time.time() - start})
     return log
 
 
 def write_result(model, log, args, what):
+    if args.rank > 0:  # only the first process writes
+        return
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "log.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in log)
@@ -190,7 +206,7 @@ def sft(args):
     steps = args.sample_steps or bundle.defaults["eval_steps"]
     model = evaluation.load_adapters(bundle.transformer, list(teachers.items()))
     latents, prompts = teacher_samples(bundle, model, teachers, train_items, args.samples_per_task, steps, guidance, args.seed,
-                                       bf16=args.sample_bf16)
+                                       args, bf16=args.sample_bf16)
     log = fit_adapter(bundle, model, latents, prompts, common.adapter_layout(next(iter(teachers.values()))), args, guidance)
     write_result(model, log, args, f"SFT on {len(prompts)} teacher samples")
 
@@ -215,8 +231,9 @@ def best_of_n(args):
         with common.use_adapter(model, None):  # the base model samples
             latents, prompts, best, mean = best_of_n_samples(bundle, model, items, args.reward, args.n, args.sample_steps
                                                              or bundle.defaults["eval_steps"], guidance, args.seed,
-                                                             rewards.make_scorer(args, bundle), bf16=args.sample_bf16)
-        common.atomic_torch_save({"latents": latents, "prompts": prompts, "best": best, "mean": mean}, cache)
+                                                             rewards.make_scorer(args, bundle), args, bf16=args.sample_bf16)
+        if args.rank == 0:
+            common.atomic_torch_save({"latents": latents, "prompts": prompts, "best": best, "mean": mean}, cache)
     print(f"best-of-{args.n} {args.reward} reward: {best.mean():.3f} (a random sample: {mean.mean():.3f})")
     log = [{"prompts": len(items), "n": args.n, "best_reward": best.mean().item(), "mean_reward": mean.mean().item()}]
     layout = (args.lora_rank, args.lora_alpha, list(args.lora_targets))
@@ -252,6 +269,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.method != "bestofn" and not args.teachers:
         p.error(f"{args.method} needs --teachers task=peft_folder,...")
+    common.init_distributed(args)  # torchrun: sft/bestofn sample and fit on shards; merge runs once
+    common.check_divisible(args, batch_size=args.batch_size)
+    if args.method == "merge" and args.rank > 0:
+        return
     {"merge": merge, "sft": sft, "bestofn": best_of_n}[args.method](args)
 
 

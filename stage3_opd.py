@@ -105,8 +105,8 @@ def guide_velocities(policy, batch, teacher_names, anchor_name, args):
     states, sigmas, n = batch["states"], batch["sigmas"], len(batch["states"])
     with_anchor = args.mar_lambda > 0
     v_teacher, v_anchor = torch.zeros_like(states[:, :-1]), torch.zeros_like(states[:, :-1]) if with_anchor else None
-    for start in range(0, n, args.train_batch_size):
-        idx = slice(start, start + args.train_batch_size)
+    for start in range(0, n, args.local_batch_size):
+        idx = slice(start, start + args.local_batch_size)
         names = teacher_names[idx] + ([anchor_name] * len(teacher_names[idx]) if with_anchor else [])
         copies = 2 if with_anchor else 1
         embeds, pooled = batch["embeds"][idx].repeat(copies, 1, 1), batch["pooled"][idx].repeat(copies, 1)
@@ -121,16 +121,19 @@ def guide_velocities(policy, batch, teacher_names, anchor_name, args):
 
 
 def sample_epoch(policy, bundle, picked, teachers, args, seed):
-    """On-policy student SDE rollouts (M1) of the picked (prompt, metadata) pairs, with their routes."""
-    prompts = [p for p, _ in picked]
-    routes = [common.route(p, m, set(teachers)) for p, m in picked]
+    """On-policy student SDE rollouts (M1) of the picked (prompt, metadata) pairs, with their routes.
+    Every process gets the same global `picked` and rolls out its shard (item i has seed seed + i)."""
+    prompts = common.shard([p for p, _ in picked], args)
+    all_routes = [common.route(p, m, set(teachers)) for p, m in picked]
+    routes = common.shard(all_routes, args)
     embeds, pooled = bundle.encode(prompts)
     sigmas = common.sampling_sigmas(bundle.scheduler, args.steps)
     batch = common.rollout_chunks(policy, embeds, pooled, bundle.latent_shape(bundle.resolution),
-                                  sigmas, [seed + i for i in range(len(prompts))], args.train_batch_size,
+                                  sigmas, common.shard([seed + i for i in range(len(picked))], args), args.local_batch_size,
                                   args.noise_level, args.guidance, args.negative, None,
                                   args.train_bf16 if args.objective == "ppo" else args.sample_bf16)
-    batch.update(prompts=prompts, routes=routes, embeds=embeds, pooled=pooled)
+    batch.update(prompts=prompts, routes=routes, embeds=embeds, pooled=pooled,
+                 task_counts={t: all_routes.count(t) for t in sorted(set(all_routes))})  # of the global batch
     return batch
 
 
@@ -140,11 +143,14 @@ def sample_epoch(policy, bundle, picked, teachers, args, seed):
 
 def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
     """One optimizer step per chunk of trajectories, gradients accumulated over all N steps (M4 + M5).
-    Returns the epoch's statistics, with the KL to the teacher per task (in --kl-weighting units)."""
+    Under torchrun each process trains on its shard of every chunk, its loss weighted by its share of
+    the chunk, and the gradients are summed over processes. Returns the epoch's statistics, with the KL
+    to the teacher per task (in --kl-weighting units)."""
     states, sigmas, steps = batch["states"], batch["sigmas"], len(batch["sigmas"]) - 1
-    routes = np.array(batch["routes"])
+    routes, tasks, device = np.array(batch["routes"]), sorted(batch["task_counts"]), states.device
+    total = len(states) * args.world  # trajectories in the global batch
     stats = {"loss": 0.0, "kl_anchor": 0.0, "ratio_min": math.inf, "ratio_max": -math.inf, "updates": 0,
-             **{f"kl_teacher_{t}": 0.0 for t in sorted(set(routes))}}
+             **{f"kl_teacher_{t}": 0.0 for t in tasks}}
     advantages = None
     if args.objective == "ppo":
         rewards = torch.stack([sampled_log_ratio(states[:, j], states[:, j + 1], v_teacher[:, j], batch["log_probs"][:, j],
@@ -152,10 +158,14 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
                                                  states[0, 0].numel(), args.kl_weighting) for j in range(steps)], 1)
         advantages = reward_to_go(rewards, args.gamma)
     params = [p for p in policy.parameters() if p.requires_grad]
-    for start in range(0, len(states), args.train_batch_size):
-        idx = torch.arange(start, min(start + args.train_batch_size, len(states)))
+    per_task = torch.tensor([batch["task_counts"][t] for t in tasks], dtype=torch.float32, device=device)
+    for start in range(0, total, args.train_batch_size):
+        idx = torch.arange(start // args.world, min(start + args.train_batch_size, total) // args.world)
+        share = len(idx) / (min(start + args.train_batch_size, total) - start) / steps  # of the chunk's mean
+        task_of = torch.as_tensor(np.stack([routes[idx.numpy()] == t for t in tasks]), dtype=torch.float32, device=device)
+        sums = torch.zeros(2 + len(tasks), device=device)  # loss, KL to anchor, KL to each task's teacher (sums)
+        ratio_min, ratio_max = torch.full((), math.inf, device=device), torch.full((), -math.inf, device=device)
         optimizer.zero_grad(set_to_none=True)
-        chunk_loss = 0.0
         for j in range(steps):
             x, x_next = states[idx, j], states[idx, j + 1]
             with common.autocast(x.device, args.train_bf16):
@@ -164,23 +174,29 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
             loss, kl, ratio = opd_step_loss(args.objective, v, v_teacher[idx, j], x, x_next, batch["log_probs"][idx, j],
                                             None if advantages is None else advantages[idx, j], sigmas, j,
                                             args.noise_level, args.kl_weighting, args.clip_range)
+            kl_anchor = torch.zeros(len(idx), device=device)
             if v_anchor is not None:
                 kl_anchor = common.step_kl(v, v_anchor[idx, j], sigmas[j], sigmas[j + 1], sigmas[1], args.noise_level,
                                            args.kl_weighting)
                 loss = loss + args.mar_lambda * kl_anchor.mean()
-                stats["kl_anchor"] += kl_anchor.sum().item() / len(states) / steps
-            (loss / steps).backward()
-            chunk_loss += loss.item() / steps
-            for task in set(routes[idx.numpy()]):
-                mask = torch.as_tensor(routes[idx.numpy()] == task)
-                stats[f"kl_teacher_{task}"] += kl[mask].sum().item() / (routes == task).sum() / steps
+            (loss * share).backward()
+            sums += torch.cat([torch.stack([loss.detach() * len(idx), kl_anchor.detach().sum()]),
+                               task_of @ kl.detach()]) / steps
             if ratio is not None:
-                stats["ratio_min"] = min(stats["ratio_min"], ratio.min().item())
-                stats["ratio_max"] = max(stats["ratio_max"], ratio.max().item())
-        stats["loss"] += chunk_loss * len(idx) / len(states)
+                ratio_min = torch.minimum(ratio_min, ratio.detach().min())
+                ratio_max = torch.maximum(ratio_max, ratio.detach().max())
+        sums = common.all_reduce(sums, args)
+        chunk_loss = sums[0].item() / (min(start + args.train_batch_size, total) - start)
+        stats["loss"] += sums[0].item() / total
+        stats["kl_anchor"] += sums[1].item() / total
+        for t, kl_sum, count in zip(tasks, sums[2:].tolist(), per_task.tolist()):
+            stats[f"kl_teacher_{t}"] += kl_sum / count
+        stats["ratio_min"] = min(stats["ratio_min"], common.all_reduce(ratio_min, args, "min").item())
+        stats["ratio_max"] = max(stats["ratio_max"], common.all_reduce(ratio_max, args, "max").item())
         if not math.isfinite(chunk_loss):
             optimizer.zero_grad(set_to_none=True)
             return stats
+        common.sync_gradients(params, args)
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         stats["updates"] += 1
@@ -238,8 +254,11 @@ def main(argv=None):
     train_items = common.prompts_by_task(args.train_prompts, teachers, args.dataset, "train")
     test_items = [item for items in common.prompts_by_task(args.test_prompts, teachers, args.dataset, "test").values()
                   for item in items]
+    common.init_distributed(args)  # torchrun: one process per GPU (or CPU share), each on a shard of every batch
+    common.check_divisible(args, rollouts_per_epoch=args.rollouts_per_epoch, train_batch_size=args.train_batch_size)
+    args.local_batch_size = args.train_batch_size // args.world
     torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
+    rng = random.Random(args.seed)  # the same on every process: they draw the same global batch
     bundle = common.load_model_from_args(args)
     score, eval_rewards = rewards.from_args(args, bundle)  # scorers run only at evaluation, never in training
     common.sampling_defaults(args, bundle)
@@ -252,7 +271,8 @@ def main(argv=None):
                                           score, eval_rewards, args.sample_bf16)
     epoch, log = common.start_run(args, policy, optimizer, rng, evaluate)
     bad_epochs = 0
-    for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage3"):
+    for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage3",
+                      disable=args.rank > 0):
         start = time.time()
         task = sorted(teachers)[(epoch - 1) % len(teachers)] if args.schedule == "epoch" else None
         picked = draw_prompts(train_items, args.rollouts_per_epoch, rng, task)
@@ -266,8 +286,9 @@ def main(argv=None):
         record = {"epoch": epoch, "trajectories": epoch * args.rollouts_per_epoch, "task": task or "mixed",
                   "seconds": time.time() - start, **stats, "skipped_update": not finite}
         common.end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate)
-    common.save_adapter(policy, "ema", os.path.join(args.out, "adapter"))
-    print(f"wrote {args.out}/adapter (the EMA student, peft format)")
+    if args.rank == 0:
+        common.save_adapter(policy, "ema", os.path.join(args.out, "adapter"))
+        print(f"wrote {args.out}/adapter (the EMA student, peft format)")
 
 
 if __name__ == "__main__":

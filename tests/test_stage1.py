@@ -70,6 +70,7 @@ def tiny_args(model_dir, prompt_files, out, *extra):
 def test_one_tiny_epoch_changes_only_lora_weights_and_starts_at_ratio_one(tiny_model_dir, prompt_files, tmp_path):
     args = stage1.parse_args(tiny_args(tiny_model_dir, prompt_files, tmp_path))
     args.rewards = stage1.parse_rewards(args.reward)
+    args.rank, args.world, args.local_batch_size = 0, 1, args.train_batch_size
     bundle = common.load_model_from_args(args)
     args.score, args.eval_rewards = rewards.from_args(args, bundle)
     args.guidance, args.eval_guidance, args.eval_steps = 4.5, 4.5, 2
@@ -150,6 +151,7 @@ def test_resume_from_a_checkpoint_of_another_lora_is_a_clear_error(tiny_model_di
 def test_sde_window_shares_a_group_start_and_trains_only_window_steps(tiny_model_dir, prompt_files, tmp_path):
     args = stage1.parse_args(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--sde-window", "1", "--steps", "4"))
     args.rewards = stage1.parse_rewards(args.reward)
+    args.rank, args.world, args.local_batch_size = 0, 1, args.train_batch_size
     bundle = common.load_model_from_args(args)
     args.score, args.eval_rewards = rewards.from_args(args, bundle)
     args.guidance, args.negative = 4.5, bundle.encode([""])

@@ -127,7 +127,7 @@ def setup_policy(model_dir, adapters, anchor, bf16=False):
     policy = common.make_policy(bundle.transformer, 4, 8)
     teacher_of, anchor_name = stage3.load_guides(policy, {"geneval": adapters["geneval"], "ocr": adapters["ocr"]}, anchor)
     args = types.SimpleNamespace(train_batch_size=4, mar_lambda=0.04, guidance=4.5, negative=bundle.encode([""]),
-                                 train_bf16=bf16, sample_bf16=bf16, steps=3, noise_level=0.7, resolution=None, objective="pathwise",
+                                 train_bf16=bf16, sample_bf16=bf16, rank=0, world=1, local_batch_size=4, steps=3, noise_level=0.7, resolution=None, objective="pathwise",
                                  kl_weighting="paper", clip_range=1e-3, gamma=0.0, max_grad_norm=1.0)
     return bundle, policy, teacher_of, anchor_name, args
 

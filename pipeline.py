@@ -30,18 +30,18 @@ import toy
 # The budgets. FULL trains every model in minutes on a 2-core CPU; QUICK only checks the wiring.
 GRPO = ["--sde-window", "2", "--lr", "1e-3", "--train-batch-size", "16", "--clip-range", "1e-3", "--ema", "0.8"]
 FULL = {"geneval": ["--steps", "300", "--lr", "1e-3"], "ocr": ["--steps", "480", "--lr", "1e-3"],
-        "grpo": [*GRPO, "--epochs", "12", "--eval-every", "0"],
+        "grpo": [*GRPO, "--epochs", "12"],
         "sft": ["--samples-per-task", "128", "--train-steps", "100"],
-        "opd": ["--epochs", "4", "--eval-every", "0"],  # 128 trajectories: the 8-epoch run was no closer at epoch 8 than at 4
-        "grpo-curve": ["--eval-every", "4"], "opd-curve": ["--eval-every", "2"]}  # eval.py scores every row; these two also
-                                                                                 # evaluate during training, for the curve
+        "opd": ["--epochs", "4"],  # 128 trajectories: the 8-epoch run was no closer at epoch 8 than at 4
+        "curve": {"grpo-mix": "4", "opd-merge": "2"}}  # --eval-every: eval.py scores every row at the end; only
+                                                      # these two also evaluate during training, for the curve
 QUICK = {"geneval": ["--steps", "2", "--batch-size", "4"], "ocr": ["--steps", "2", "--batch-size", "4"],
          "grpo": [*GRPO, "--epochs", "1", "--prompts-per-epoch", "2", "--group-size", "4", "--steps", "4",
-                  "--train-batch-size", "8", "--eval-every", "0", "--eval-steps", "4"],
+                  "--train-batch-size", "8", "--eval-steps", "4"],
          "sft": ["--samples-per-task", "8", "--train-steps", "2", "--batch-size", "8", "--sample-steps", "4"],
          "opd": ["--epochs", "1", "--rollouts-per-epoch", "8", "--train-batch-size", "8", "--steps", "4",
-                 "--eval-steps", "4", "--eval-every", "0"],
-         "grpo-curve": ["--eval-every", "1"], "opd-curve": ["--eval-every", "1"]}
+                 "--eval-steps", "4"],
+         "curve": {"grpo-mix": "1", "opd-merge": "1"}}
 NAMES = ("base", "teacher-geneval", "teacher-ocr", "teacher-quality", "grpo-mix", "opd-merge", "opd-sft",
          "opd-no-mar", "opd-no-coldstart", "opd-ppo", "opd-schedule")
 
@@ -52,6 +52,9 @@ def plan(runs, budget, model, dataset):
     minutes (README, "Stage 1 in the miniature world"); quality and GRPO-Mix are Stage 1 GRPO runs."""
     def out(name):
         return os.path.join(runs, name)
+
+    def evals(name):  # evaluations during training (0: none, a checkpoint every epoch)
+        return ["--eval-every", budget["curve"].get(name, "0")]
     teachers = f"geneval={out('teacher-geneval')}/adapter,ocr={out('teacher-ocr')}/adapter"
     anchor = f"{out('teacher-quality')}/adapter"
     shared = ["--model", model, "--dataset", dataset]
@@ -59,21 +62,23 @@ def plan(runs, budget, model, dataset):
     return [
         ("teacher-geneval", toy, ["specialist", "--task", "geneval", *shared, *budget["geneval"]]),
         ("teacher-ocr", toy, ["specialist", "--task", "ocr", *shared, *budget["ocr"]]),
-        ("teacher-quality", stage1_grpo, [*shared, "--reward", "quality", *budget["grpo"]]),
+        ("teacher-quality", stage1_grpo, [*shared, "--reward", "quality", *budget["grpo"], *evals("teacher-quality")]),
         ("grpo-mix", stage1_grpo, [*shared, "--reward", "geneval=0.5,ocr=0.5", "--mix", "sum", *budget["grpo"],
-                                   *budget["grpo-curve"]]),
+                                   *evals("grpo-mix")]),
         ("coldstart-merge", stage2_coldstart, ["merge", "--model", model, "--teachers", teachers, "--rule", "delta"]),
         ("coldstart-sft", stage2_coldstart, ["sft", *shared, "--teachers", teachers, *budget["sft"]]),
         ("opd-merge", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor, *merge, *budget["opd"],
-                                   *budget["opd-curve"]]),
+                                   *evals("opd-merge")]),
         ("opd-sft", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor,
-                                 "--init", f"{out('coldstart-sft')}/adapter", *budget["opd"]]),
-        ("opd-no-mar", stage3_opd, [*shared, "--teachers", teachers, "--mar-lambda", "0", *merge, *budget["opd"]]),
-        ("opd-no-coldstart", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor, *budget["opd"]]),
+                                 "--init", f"{out('coldstart-sft')}/adapter", *budget["opd"], *evals("opd-sft")]),
+        ("opd-no-mar", stage3_opd, [*shared, "--teachers", teachers, "--mar-lambda", "0", *merge, *budget["opd"],
+                                    *evals("opd-no-mar")]),
+        ("opd-no-coldstart", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor, *budget["opd"],
+                                          *evals("opd-no-coldstart")]),
         ("opd-ppo", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor, *merge, "--objective", "ppo",
-                                 *budget["opd"]]),
+                                 *budget["opd"], *evals("opd-ppo")]),
         ("opd-schedule", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor, *merge,
-                                      "--schedule", "epoch", *budget["opd"]]),
+                                      "--schedule", "epoch", *budget["opd"], *evals("opd-schedule")]),
     ]
 
 
@@ -138,7 +143,8 @@ def main(argv=None):
     budget, test_files = FULL, ""
     if args.quick:  # a few test prompts of every task, so that the many evaluations take seconds
         test_files = quick_test_files(dataset, os.path.join(runs, "test-prompts"))
-        budget = {k: v + (["--test-prompts", test_files] if k in ("grpo", "opd") else []) for k, v in QUICK.items()}
+        budget = {**QUICK, "grpo": [*QUICK["grpo"], "--test-prompts", test_files],
+                  "opd": [*QUICK["opd"], "--test-prompts", test_files]}
     started = time.time()
     commands, minutes = {}, {}
     for name, script, step_argv in plan(runs, budget, args.model, dataset):

@@ -702,6 +702,11 @@ def shift_sigmas(sigma, shift):
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+def training_sigmas(n, shift, device="cpu"):
+    """n flow-matching training times: logit-normal(0, 1), then time-shifted like the sampler (METHOD.md §0)."""
+    return shift_sigmas(torch.sigmoid(torch.randn(n, device=device)), shift)
+
+
 def flow_matching_loss(model, x0, embeds, pooled, shift=3.0, bf16=False, guidance_scale=1.0, negative=None,
                        sigma=None, noise=None):
     """Rectified-flow loss || v(x_sigma, sigma, c) - (eps - x0) ||^2 at x_sigma = (1 - sigma) x0 + sigma eps,
@@ -709,7 +714,7 @@ def flow_matching_loss(model, x0, embeds, pooled, shift=3.0, bf16=False, guidanc
     guidance_scale w != 1 the guided velocity is fitted: samples drawn with CFG w are then the model's
     own CFG-w distribution, instead of having guidance applied twice at sampling. `sigma`, `noise`: given
     draws (e.g. one process's share of a global batch's), else drawn here."""
-    sigma = shift_sigmas(torch.sigmoid(torch.randn(len(x0), device=x0.device)), shift) if sigma is None else sigma
+    sigma = training_sigmas(len(x0), shift, x0.device) if sigma is None else sigma
     noise = torch.randn_like(x0) if noise is None else noise
     x_sigma = _as_batch(1 - sigma, x0) * x0 + _as_batch(sigma, x0) * noise
     with autocast(x0.device, bf16):

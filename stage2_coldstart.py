@@ -170,7 +170,7 @@ def fit_adapter(bundle, model, latents, prompts, layout, args, guidance):
     for step in tqdm(range(1, args.train_steps + 1), desc="fit", disable=args.rank > 0):
         idx = torch.tensor([generator.randrange(len(prompts)) for _ in range(args.batch_size)])
         # the global batch's time and noise draws, the same on every process; each keeps its shard
-        sigma = common.shift_sigmas(torch.sigmoid(torch.randn(args.batch_size)), shift).to(latents.device)
+        sigma = common.training_sigmas(args.batch_size, shift).to(latents.device)
         noise = torch.randn(args.batch_size, *latents.shape[1:]).to(latents.device)
         mine = common.shard(torch.arange(args.batch_size), args)
         loss = common.flow_matching_loss(model, latents[idx[mine]], embeds[idx[mine]], pooled[idx[mine]], shift,

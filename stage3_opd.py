@@ -158,10 +158,10 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
                                                  states[0, 0].numel(), args.kl_weighting) for j in range(steps)], 1)
         advantages = reward_to_go(rewards, args.gamma)
     params = [p for p in policy.parameters() if p.requires_grad]
-    per_task = torch.tensor([batch["task_counts"][t] for t in tasks], dtype=torch.float32, device=device)
     for start in range(0, total, args.train_batch_size):
-        idx = torch.arange(start // args.world, min(start + args.train_batch_size, total) // args.world)
-        share = len(idx) / (min(start + args.train_batch_size, total) - start) / steps  # of the chunk's mean
+        chunk = min(args.train_batch_size, total - start)  # trajectories in this chunk of the global batch
+        idx = torch.arange(start // args.world, (start + chunk) // args.world)
+        share = len(idx) / chunk / steps  # of the chunk's mean
         task_of = torch.as_tensor(np.stack([routes[idx.numpy()] == t for t in tasks]), dtype=torch.float32, device=device)
         sums = torch.zeros(2 + len(tasks), device=device)  # loss, KL to anchor, KL to each task's teacher (sums)
         ratio_min, ratio_max = torch.full((), math.inf, device=device), torch.full((), -math.inf, device=device)
@@ -186,11 +186,11 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
                 ratio_min = torch.minimum(ratio_min, ratio.detach().min())
                 ratio_max = torch.maximum(ratio_max, ratio.detach().max())
         sums = common.all_reduce(sums, args)
-        chunk_loss = sums[0].item() / (min(start + args.train_batch_size, total) - start)
+        chunk_loss = sums[0].item() / chunk
         stats["loss"] += sums[0].item() / total
         stats["kl_anchor"] += sums[1].item() / total
-        for t, kl_sum, count in zip(tasks, sums[2:].tolist(), per_task.tolist()):
-            stats[f"kl_teacher_{t}"] += kl_sum / count
+        for t, kl_sum in zip(tasks, sums[2:].tolist()):
+            stats[f"kl_teacher_{t}"] += kl_sum / batch["task_counts"][t]
         stats["ratio_min"] = min(stats["ratio_min"], common.all_reduce(ratio_min, args, "min").item())
         stats["ratio_max"] = max(stats["ratio_max"], common.all_reduce(ratio_max, args, "max").item())
         if not math.isfinite(chunk_loss):

@@ -7,6 +7,7 @@ the model predicts the velocity eps - x0 and is fed timestep = 1000 sigma. Log-p
 AVERAGED over dimensions (the released Flow-GRPO convention, to which its PPO clip range is
 calibrated); the KL has both weightings (M3).
 """
+import argparse
 import atexit
 import contextlib
 import dataclasses
@@ -57,8 +58,9 @@ def add_model_arguments(p):
     p.add_argument("--gradient-checkpointing", action="store_true")  # recompute transformer blocks in backward: less memory, ~1.3x time
     p.add_argument("--resolution", type=int, default=None)  # image side in pixels (default: the model's; paper: 512)
     p.add_argument("--lora-targets", default=None)  # comma-separated LoRA modules of a new adapter (default: the model's; SD3: Flow-GRPO's 8)
-    p.add_argument("--train-precision", choices=["bf16", "fp32"], default=None)  # passes with gradients: bf16 autocast or fp32 (default: bf16 with bf16 weights; fp32 with fp32 weights, 1.5x faster than bf16 autocast on CPU, BENCHMARKS.md)
-    p.add_argument("--sample-precision", choices=["bf16", "fp32"], default=None)  # no-grad passes (rollouts, teachers, anchor, evaluation); default bf16 where it is fast (common.bf16_is_fast), else fp32
+    p.add_argument("--train-precision", choices=["bf16", "fp32"], default=None)  # passes with gradients: bf16 autocast or fp32 (default: bf16 with bf16 weights; fp32 with fp32 weights: bf16 autocast was 1.5x slower on one CPU, 1.07x faster on another, README "Speed")
+    p.add_argument("--sample-precision", choices=["bf16", "fp32"], default=None)  # no-grad passes: rollouts, SFT samples (Stage 3's teacher/anchor velocities follow --train-precision); default bf16 where it is fast (common.bf16_is_fast), else fp32
+    p.add_argument("--eval-precision", choices=["bf16", "fp32"], default=None)  # test evaluations (eval.py, in-training); default fp32 with fp32 weights: the same adapter scores the same on every CPU
     p.add_argument("--compile", action="store_true")  # torch.compile the transformer (worth it on GPU; on a 2-core CPU its compile time exceeds its gain at miniature budgets, BENCHMARKS.md)
 
 
@@ -81,6 +83,7 @@ def load_model_from_args(args):
         raise ValueError("--train-precision fp32 needs fp32 base weights; expected --model-dtype float32 with it")
     args.train_bf16 = (args.train_precision or ("bf16" if dtype == "bfloat16" else "fp32")) == "bf16"
     args.sample_bf16 = (args.sample_precision or ("bf16" if bf16_is_fast(args.device) else "fp32")) == "bf16"
+    args.eval_bf16 = (args.eval_precision or ("bf16" if dtype == "bfloat16" else "fp32")) == "bf16"
     if args.compile:
         bundle.transformer.compile()  # in place: LoRA layers added later are traced too; one graph per adapter state
     return bundle
@@ -656,9 +659,29 @@ def sampling_defaults(args, bundle):
     args.negative = bundle.encode([""]) if args.guidance != 1 else None
 
 
+def epoch_list(text):
+    """'4,8' -> [4, 8]: the --eval-at argument (epochs >= 0; '' = none)."""
+    try:
+        epochs = [int(e) for e in text.split(",") if e.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of epochs; expected e.g. '4,8'") from None
+    if any(e < 0 for e in epochs):
+        raise argparse.ArgumentTypeError(f"{text!r} has a negative epoch; expected epochs >= 0 (0 = the untrained start)")
+    return epochs
+
+
+def evaluation_due(args, epoch):
+    """Whether the test scores are taken after `epoch` (0 = the untrained start): at the --eval-at epochs
+    when given (pipeline.py: only the curve's inner points, as eval.py scores the ends), else every
+    --eval-every epochs and at the last one (--eval-every 0: never)."""
+    if args.eval_at is not None:
+        return epoch in args.eval_at
+    return args.eval_every > 0 and (epoch % args.eval_every == 0 or epoch == args.epochs)
+
+
 def start_run(args, policy, optimizer, rng, evaluate):
     """Resumes from OUT/checkpoint with --resume, else starts OUT/log.jsonl with the untrained
-    policy's test scores (`evaluate(None)`; none with --eval-every 0). Returns (last finished epoch, log)."""
+    policy's test scores (`evaluate(None)`, where evaluation_due at epoch 0). Returns (last finished epoch, log)."""
     if args.eval_every < 0:
         raise ValueError(f"--eval-every {args.eval_every} is negative; expected a number of epochs, or 0 for no evaluation")
     os.makedirs(args.out, exist_ok=True)
@@ -666,7 +689,7 @@ def start_run(args, policy, optimizer, rng, evaluate):
         epoch, log = load_checkpoint(args.out, policy, optimizer, rng)
         print(f"resumed from {args.out}/checkpoint at epoch {epoch}")
         return epoch, log
-    log = [{"epoch": 0, "trajectories": 0, **({"eval": evaluate(None)} if args.eval_every > 0 and args.rank == 0 else {})}]
+    log = [{"epoch": 0, "trajectories": 0, **({"eval": evaluate(None)} if evaluation_due(args, 0) and args.rank == 0 else {})}]
     if args.rank == 0:  # only the first process evaluates and writes
         with open(os.path.join(args.out, "log.jsonl"), "w") as f:
             f.write(json.dumps(log[0]) + "\n")
@@ -674,15 +697,15 @@ def start_run(args, policy, optimizer, rng, evaluate):
 
 
 def end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate):
-    """The stages' shared end of an epoch: every --eval-every epochs (and at the last) the test scores
-    (`evaluate(png_path)`) and an atomic checkpoint (--eval-every 0: no evaluation, a checkpoint every
-    epoch); the record appended to the log and OUT/log.jsonl; a clear stop after --max-bad-epochs
-    non-finite epochs in a row, the last good checkpoint kept."""
+    """The stages' shared end of an epoch: the test scores (`evaluate(png_path)`) where evaluation_due,
+    an atomic checkpoint with each periodic evaluation (every epoch with --eval-every 0 or --eval-at);
+    the record appended to the log and OUT/log.jsonl; a clear stop after --max-bad-epochs non-finite
+    epochs in a row, the last good checkpoint kept."""
     epoch = record["epoch"]
-    evaluating = args.eval_every > 0
-    due = not evaluating or epoch % args.eval_every == 0 or epoch == args.epochs
+    periodic = args.eval_at is None and args.eval_every > 0
+    due = not periodic or evaluation_due(args, epoch)
     first = args.rank == 0  # only the first process evaluates and writes
-    if due and evaluating and first:
+    if evaluation_due(args, epoch) and first:
         record["eval"] = evaluate(os.path.join(args.out, f"samples_epoch{epoch:04d}.png"))
     log.append(record)
     if first:

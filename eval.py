@@ -108,8 +108,9 @@ def main(argv=None):
     for name, path in runs:
         with common.use_adapter(model, None if path is None else name) if adapters else torch.no_grad():
             images = toy.sample_images(dataclasses.replace(bundle, transformer=model), prompts,
-                                       [args.seed + i for i in range(len(prompts))], steps, guidance, bf16=args.sample_bf16)
+                                       [args.seed + i for i in range(len(prompts))], steps, guidance, bf16=args.eval_bf16)
         rows.append({"model": name, "adapter": path, "steps": steps, "guidance_scale": guidance, "seed": args.seed,
+                     "eval_precision": "bf16" if args.eval_bf16 else "fp32",
                      **row_scores(score(images, prompts, metas, names=names), metas, columns)})
         shown_images.append(images[shown])
         print(markdown_table(rows[-1:], columns).splitlines()[-1])

@@ -10,9 +10,10 @@ Steps, each cached (a finished step is skipped, an interrupted one resumes from 
   3. the GRPO-Mix baseline                     stage1_grpo.py --reward geneval=0.5,ocr=0.5
   4. Stage 2 cold starts: merge and SFT       stage2_coldstart.py merge / sft
   5. Stage 3 OPD with MAR, and the ablations  stage3_opd.py (no MAR, no cold start, ppo, per-epoch schedule)
-  6. every row scored on the same prompts     eval.py
+  6. every row scored on the same prompts     eval.py (the merge cold start too: OPD's starting point)
 Writes OUT/table.md, OUT/table.json, OUT/grid.png (one column per model), OUT/curve.png (test score
-against sampled trajectories, GRPO-Mix vs Flow-OPD), OUT/adapters/<row>/ and OUT/commands.sh.
+against sampled trajectories, GRPO-Mix vs Flow-OPD), OUT/adapters/<row>/, OUT/logs/ (every step's
+log.jsonl) and OUT/commands.sh.
 """
 import argparse
 import json
@@ -33,17 +34,18 @@ FULL = {"geneval": ["--steps", "300", "--lr", "1e-3"], "ocr": ["--steps", "480",
         "grpo": [*GRPO, "--epochs", "12"],
         "sft": ["--samples-per-task", "128", "--train-steps", "100"],
         "opd": ["--epochs", "4"],  # 128 trajectories: the 8-epoch run was no closer at epoch 8 than at 4
-        "curve": {"grpo-mix": "4", "opd-merge": "2"}}  # --eval-every: eval.py scores every row at the end; only
-                                                      # these two also evaluate during training, for the curve
+        "curve": {"grpo-mix": "4,8", "opd-merge": "2"}}  # --eval-at: the curve's inner points; its ends are rows
+                                                        # of eval.py (base / coldstart-merge, and the trained row)
 QUICK = {"geneval": ["--steps", "2", "--batch-size", "4"], "ocr": ["--steps", "2", "--batch-size", "4"],
-         "grpo": [*GRPO, "--epochs", "1", "--prompts-per-epoch", "2", "--group-size", "4", "--steps", "4",
+         "grpo": [*GRPO, "--epochs", "2", "--prompts-per-epoch", "2", "--group-size", "4", "--steps", "4",
                   "--train-batch-size", "8", "--eval-steps", "4"],
          "sft": ["--samples-per-task", "8", "--train-steps", "2", "--batch-size", "8", "--sample-steps", "4"],
-         "opd": ["--epochs", "1", "--rollouts-per-epoch", "8", "--train-batch-size", "8", "--steps", "4",
+         "opd": ["--epochs", "2", "--rollouts-per-epoch", "8", "--train-batch-size", "8", "--steps", "4",
                  "--eval-steps", "4"],
          "curve": {"grpo-mix": "1", "opd-merge": "1"}}
-NAMES = ("base", "teacher-geneval", "teacher-ocr", "teacher-quality", "grpo-mix", "opd-merge", "opd-sft",
-         "opd-no-mar", "opd-no-coldstart", "opd-ppo", "opd-schedule")
+NAMES = ("base", "teacher-geneval", "teacher-ocr", "teacher-quality", "grpo-mix", "coldstart-merge", "opd-merge",
+         "opd-sft", "opd-no-mar", "opd-no-coldstart", "opd-ppo", "opd-schedule")
+CURVES = (("grpo-mix", "base", "GRPO-Mix"), ("opd-merge", "coldstart-merge", "Flow-OPD (merge)"))  # (run, its start's row)
 
 
 def plan(runs, budget, model, dataset):
@@ -53,8 +55,8 @@ def plan(runs, budget, model, dataset):
     def out(name):
         return os.path.join(runs, name)
 
-    def evals(name):  # evaluations during training (0: none, a checkpoint every epoch)
-        return ["--eval-every", budget["curve"].get(name, "0")]
+    def evals(name):  # evaluations during training: only the curve's inner points (eval.py scores every row)
+        return ["--eval-at", budget["curve"][name]] if name in budget["curve"] else ["--eval-every", "0"]
     teachers = f"geneval={out('teacher-geneval')}/adapter,ocr={out('teacher-ocr')}/adapter"
     anchor = f"{out('teacher-quality')}/adapter"
     shared = ["--model", model, "--dataset", dataset]
@@ -114,17 +116,17 @@ def run_step(name, script, argv, runs):
     return command, minutes
 
 
-def curve_png(runs, path):
-    """Test scores (GenEval strict, OCR, and their mean) against sampled trajectories, GRPO-Mix vs Flow-OPD."""
+def curve_png(runs, table, path):
+    """Test scores (the mean of GenEval strict and OCR) against sampled trajectories, GRPO-Mix vs Flow-OPD:
+    the start's row (base / the merge cold start), the run's in-training evaluations, then its own row."""
+    def score(e):
+        return (e["geneval_strict"] + e["ocr"]) / 2
+    rows = {row["model"]: row for row in table}
     series = {}
-    for name, label in (("grpo-mix", "GRPO-Mix"), ("opd-merge", "Flow-OPD (merge)")):
-        points = []
-        log = os.path.join(runs, name, "log.jsonl")
-        for record in (json.loads(line) for line in open(log)) if os.path.isfile(log) else []:
-            if "eval" in record:
-                e = record["eval"]
-                points.append((record.get("trajectories", 0), (e["geneval_strict"] + e["ocr"]) / 2))
-        series[label] = points
+    for name, start, label in CURVES:
+        log = [json.loads(line) for line in open(os.path.join(runs, name, "log.jsonl"))]
+        series[label] = [(0, score(rows[start])), *((r["trajectories"], score(r["eval"])) for r in log if "eval" in r),
+                         (log[-1]["trajectories"], score(rows[name]))]
     common.line_chart(series, path, x_label="sampled trajectories", y_label="mean of GenEval strict and OCR")
 
 
@@ -167,10 +169,15 @@ def main(argv=None):
         f.write(f"# produced by: python pipeline.py{' --quick' if args.quick else ''} (every seed is 0)\n")
         f.writelines(f"{commands[n]}\n" for n, _, _ in plan(runs, budget, args.model, dataset))
         f.write(f"python eval.py {' '.join(eval_argv)}\n")
-    curve_png(runs, os.path.join(out, "curve.png"))
+    curve_png(runs, table, os.path.join(out, "curve.png"))
+    shutil.rmtree(os.path.join(out, "logs"), ignore_errors=True)  # the logs behind the README's numbers, this run's only
+    for name, _, _ in plan(runs, budget, args.model, dataset):
+        if os.path.isfile(os.path.join(runs, name, "log.jsonl")):
+            os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+            shutil.copy(os.path.join(runs, name, "log.jsonl"), os.path.join(out, "logs", f"{name}.jsonl"))
     print(open(os.path.join(out, "table.md")).read())
     print(f"pipeline done in {(time.time() - started) / 60:.1f} min; wrote {out}/table.md, table.json, grid.png, "
-          f"curve.png, adapters/, commands.sh")
+          f"curve.png, adapters/, logs/, commands.sh")
 
 
 if __name__ == "__main__":

@@ -238,6 +238,7 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=1.0)  # gradient clipping (paper: 1.0)
     p.add_argument("--ema", type=float, default=0.9)  # EMA decay of the published adapter, per epoch
     p.add_argument("--eval-every", type=int, default=5)  # epochs between test evaluations + checkpoints (0: no evaluation)
+    p.add_argument("--eval-at", type=common.epoch_list, default=None)  # e.g. 4,8: evaluate only after these epochs (0 = start), checkpoint every epoch
     p.add_argument("--eval-steps", type=int, default=None)  # ODE steps at eval (default: the model's; paper: 40)
     p.add_argument("--eval-guidance", type=float, default=None)  # CFG at eval (default: the model's; paper 4.5)
     p.add_argument("--max-bad-epochs", type=int, default=3)  # consecutive non-finite epochs before stopping
@@ -267,7 +268,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
     def evaluate(png):
         return evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance, png,
-                                          args.score, args.eval_rewards, args.sample_bf16)
+                                          args.score, args.eval_rewards, args.eval_bf16)
     epoch, log = common.start_run(args, policy, optimizer, rng, evaluate)
     bad_epochs = 0
     for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage1",

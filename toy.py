@@ -529,10 +529,12 @@ def sample_images(bundle, prompts, seeds, num_steps, guidance_scale, noise_level
     return torch.cat(images)
 
 
-def evaluate(bundle, items, num_steps, guidance_scale, seed=0, scorer=None, names=REWARDS, bf16=None):
+def evaluate(bundle, items, num_steps, guidance_scale, seed=0, scorer=None, names=REWARDS, bf16=False):
     """Scores of a model on [(prompt, metadata)]: {"geneval_strict", "geneval", "ocr", "quality",
     "geneval/<tag>"...} means, and the images. Seeds are seed + index, so every model sees the same noise.
-    `scorer`: a function with score()'s signature (default toy.score; rewards.make_scorer for real models)."""
+    `scorer`: a function with score()'s signature (default toy.score; rewards.make_scorer for real models).
+    fp32 by default, as eval.py: the same weights then score the same on every CPU (bf16 rounding moved
+    a row's GenEval strict by up to 0.04, README)."""
     prompts, metas = [p for p, _ in items], [m for _, m in items]
     images = sample_images(bundle, prompts, [seed + i for i in range(len(prompts))], num_steps, guidance_scale, bf16=bf16)
     return summarize((scorer or score)(images, prompts, metas, names=names), metas), images

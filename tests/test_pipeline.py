@@ -18,8 +18,11 @@ def test_quick_pipeline_writes_the_table_and_caches_its_steps(tmp_path, capsys):
         if row["model"] != "base":
             assert os.path.isfile(os.path.join(row["adapter"], "adapter_model.safetensors"))
             assert row["command"].startswith("python ")
-    for name in ("table.md", "grid.png", "curve.png", "commands.sh"):
+    for name in ("table.md", "grid.png", "curve.png", "commands.sh", "logs/grpo-mix.jsonl", "logs/opd-merge.jsonl"):
         assert os.path.isfile(out / name), name
+    for run, _, _ in pipeline.CURVES:  # the curve's inner point is evaluated in training, its ends by eval.py
+        log = [json.loads(line) for line in open(out / "logs" / f"{run}.jsonl")]
+        assert [r["epoch"] for r in log if "eval" in r] == [1] and log[-1]["epoch"] == 2
     capsys.readouterr()
     pipeline.main(["--quick", "--out", str(out), "--runs", str(runs)])  # a rerun only re-scores
     assert capsys.readouterr().out.count("[cached]") == len(pipeline.plan("runs", pipeline.QUICK, "model", "dataset"))

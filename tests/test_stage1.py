@@ -48,6 +48,21 @@ def test_parse_rewards_and_its_errors():
         stage1.parse_rewards("geneval=0.5,ocr=half")
 
 
+def test_evaluation_schedule_every_k_or_at_named_epochs():
+    import argparse
+
+    def due(epochs=12, **kw):
+        args = argparse.Namespace(epochs=epochs, **{"eval_every": 5, "eval_at": None, **kw})
+        return [e for e in range(epochs + 1) if common.evaluation_due(args, e)]
+    assert due() == [0, 5, 10, 12]  # every --eval-every epochs and the last
+    assert due(eval_every=0) == []
+    assert due(eval_at=common.epoch_list("4,8")) == [4, 8]  # pipeline.py: the ends are eval.py's rows
+    assert due(eval_at=common.epoch_list("")) == []
+    for bad in ("4;8", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
+            common.epoch_list(bad)
+
+
 @pytest.fixture(scope="module")
 def prompt_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("prompts")
@@ -133,6 +148,7 @@ def test_eval_puts_base_and_adapters_in_one_table(tiny_model_dir, prompt_files, 
                    prompt_files[1], "--steps", "2", "--out", str(tmp_path / "eval")])
     rows = json.load(open(tmp_path / "eval" / "eval.json"))
     assert [r["model"] for r in rows] == ["base", "a", "b"] and rows[0]["adapter"] is None
+    assert {r["eval_precision"] for r in rows} == {"fp32"}  # on fp32 weights, whatever the CPU: reproducible scores
     for key in ("geneval_strict", "geneval", "quality", "average", "geneval/colors"):
         assert rows[1][key] == rows[2][key], key  # the same adapter, prompts and seeds give the same row
     assert "| a |" in open(tmp_path / "eval" / "table.md").read()

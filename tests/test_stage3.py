@@ -136,6 +136,7 @@ def setup_policy(model_dir, adapters, anchor, bf16=False):
 def test_mixed_batch_teacher_and_anchor_velocities_equal_each_adapter_alone(tiny_model_dir, adapters, anchor):
     bundle, policy, teacher_of, anchor_name, args = setup_policy(
         tiny_model_dir, adapters, "base" if anchor == "base" else adapters["quality"], bf16=False)
+    args.sample_bf16 = True  # bf16 rollouts; the guides still follow the fp32 training precision (checked at 1e-5)
     picked = [("a red circle", None), ('a sign that says "AB"', None), ("two blue squares", None), ('"KEY"', None)]
     batch = stage3.sample_epoch(policy, bundle, picked, {"geneval": 1, "ocr": 1}, args, seed=0)
     assert batch["routes"] == ["geneval", "ocr", "geneval", "ocr"]

@@ -271,9 +271,9 @@ def main(argv=None):
         p.error(f"{args.method} needs --teachers task=peft_folder,...")
     common.init_distributed(args)  # torchrun: sft/bestofn sample and fit on shards; merge runs once
     common.check_divisible(args, batch_size=args.batch_size)
-    if args.method == "merge" and args.rank > 0:
-        return
-    {"merge": merge, "sft": sft, "bestofn": best_of_n}[args.method](args)
+    if args.method != "merge" or args.rank == 0:  # a merge runs once
+        {"merge": merge, "sft": sft, "bestofn": best_of_n}[args.method](args)
+    common.end_distributed(args)
 
 
 if __name__ == "__main__":

@@ -293,6 +293,7 @@ def main(argv=None):
     if args.rank == 0:
         common.save_adapter(policy, "ema", os.path.join(args.out, "adapter"))
         print(f"wrote {args.out}/adapter (the EMA student, peft format)")
+    common.end_distributed(args)
 
 
 if __name__ == "__main__":

@@ -702,10 +702,10 @@ def end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, eva
     the record appended to the log and OUT/log.jsonl; a clear stop after --max-bad-epochs non-finite
     epochs in a row, the last good checkpoint kept."""
     epoch = record["epoch"]
-    periodic = args.eval_at is None and args.eval_every > 0
-    due = not periodic or evaluation_due(args, epoch)
+    evaluating = evaluation_due(args, epoch)
+    due = evaluating or args.eval_at is not None or args.eval_every == 0  # when a checkpoint is written
     first = args.rank == 0  # only the first process evaluates and writes
-    if evaluation_due(args, epoch) and first:
+    if evaluating and first:
         record["eval"] = evaluate(os.path.join(args.out, f"samples_epoch{epoch:04d}.png"))
     log.append(record)
     if first:

@@ -171,9 +171,9 @@ def main(argv=None):
         f.write(f"python eval.py {' '.join(eval_argv)}\n")
     curve_png(runs, table, os.path.join(out, "curve.png"))
     shutil.rmtree(os.path.join(out, "logs"), ignore_errors=True)  # the logs behind the README's numbers, this run's only
+    os.makedirs(os.path.join(out, "logs"))
     for name, _, _ in plan(runs, budget, args.model, dataset):
         if os.path.isfile(os.path.join(runs, name, "log.jsonl")):
-            os.makedirs(os.path.join(out, "logs"), exist_ok=True)
             shutil.copy(os.path.join(runs, name, "log.jsonl"), os.path.join(out, "logs", f"{name}.jsonl"))
     print(open(os.path.join(out, "table.md")).read())
     print(f"pipeline done in {(time.time() - started) / 60:.1f} min; wrote {out}/table.md, table.json, grid.png, "

@@ -611,13 +611,13 @@ def lora_state(policy, adapter):
     return {n: p.detach().clone() for n, p in policy.named_parameters() if f".{adapter}." in n}
 
 
-def update_ema(policy, decay):
-    """ema <- decay * ema + (1 - decay) * student, over the LoRA weights."""
+def update_ema(policy, decay, target="ema"):
+    """target <- decay * target + (1 - decay) * student, over the LoRA weights (decay 0: a copy)."""
     params = dict(policy.named_parameters())
     with torch.no_grad():
         for name, param in params.items():
-            if ".ema." in name:
-                param.lerp_(params[name.replace(".ema.", ".student.")], 1 - decay)
+            if f".{target}." in name:
+                param.lerp_(params[name.replace(f".{target}.", ".student.")], 1 - decay)
 
 
 def save_checkpoint(folder, policy, optimizer, epoch, rng, log):

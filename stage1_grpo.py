@@ -4,10 +4,13 @@
     python stage1_grpo.py --reward ocr --out runs/teacher-ocr
     python stage1_grpo.py --reward quality --out runs/teacher-quality          # the MAR anchor
     python stage1_grpo.py --reward geneval=0.5,ocr=0.5 --mix sum --out runs/grpo-mix
+    python stage1_grpo.py --reward geneval --objective nft --prompts-per-epoch 32 --train-batch-size 64 \
+        --lr 1e-3 --nft-times 2 --ema 0.8 --epochs 45 --out runs/nft-geneval    # DiffusionNFT instead of GRPO
 
 Each epoch: M prompts x G SDE rollouts of the LoRA policy (M1), one reward per image, advantages
 with a per-prompt mean and a global std, then a PPO-clip update on every step but the last with a
-KL to the base model (the adapter disabled). Defaults train a miniature teacher in minutes on a
+KL to the base model (the adapter disabled); or, with --objective nft, DiffusionNFT's flow-matching
+loss on the epoch's images weighted by the same advantages (README). Defaults train a miniature teacher in minutes on a
 2-core CPU; the paper's SD3.5-M settings are given next to each flag.
 """
 import argparse
@@ -88,6 +91,25 @@ def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range):
     return torch.maximum(unclipped, clipped).mean(), ratio
 
 
+def optimality(advantages):
+    """DiffusionNFT's optimality probability r = 1/2 + 1/2 clip(A, -1, 1) of a group advantage A (M2's)."""
+    return 0.5 + 0.5 * np.clip(advantages, -1.0, 1.0)
+
+
+def nft_loss(v, v_old, target, r, beta):
+    """DiffusionNFT's negative-aware flow-matching loss (Zheng et al. 2025, arXiv 2509.16117), per sample:
+      r ||v+ - u||^2 + (1 - r) ||v- - u||^2   (mean over dimensions),   u = eps - x0,
+      v+ = (1 - beta) v_old + beta v   (the implicit positive policy),  v- = (1 + beta) v_old - beta v.
+    At v = v_old its gradient in v is 2 beta (2r - 1)(v_old - u): towards the sample's flow when r > 1/2,
+    away from it below, nothing at r = 1/2; the minimum is v = v_old + (2r - 1)(u - v_old) / beta."""
+    v, v_old, target = v.float(), v_old.float(), target.float()
+    r = r.reshape(-1, *([1] * (v.dim() - 1)))
+    positive = (1 - beta) * v_old + beta * v
+    negative = (1 + beta) * v_old - beta * v
+    per_dim = r * (positive - target) ** 2 + (1 - r) * (negative - target) ** 2
+    return per_dim.flatten(1).mean(1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling, scoring and the policy-gradient update
 
@@ -112,6 +134,8 @@ def sample_epoch(policy, bundle, items, rewards, args, rng, seed):
     metas = [m for _, m in picked for _ in range(args.group_size)]
     trained_steps = sde_window(args, rng)
     levels = [args.noise_level if j in trained_steps else 0.0 for j in range(args.steps)]
+    if args.objective == "nft":  # any sampler will do for NFT: the deterministic ODE, each sample its own start
+        levels, trained_steps = [0.0] * args.steps, []
     sigmas = common.sampling_sigmas(bundle.scheduler, args.steps)
     shape = bundle.latent_shape(bundle.resolution)
     groups = np.repeat(np.arange(len(picked)), args.group_size)
@@ -119,9 +143,10 @@ def sample_epoch(policy, bundle, items, rewards, args, rng, seed):
     my_prompts, my_metas = common.shard(prompts, args), common.shard(metas, args)
     embeds, pooled = bundle.encode(my_prompts)
     batch = common.rollout_chunks(policy, embeds, pooled, shape, sigmas, common.shard(seeds, args),
-                                  args.local_batch_size, levels if args.sde_window > 0 else args.noise_level,
-                                  args.guidance, args.negative, bundle.decode, args.train_bf16,
-                                  common.shard(init_seeds, args) if args.sde_window > 0 else None)
+                                  args.local_batch_size, levels if args.sde_window > 0 or not trained_steps else args.noise_level,
+                                  args.guidance, args.negative, bundle.decode,
+                                  args.sample_bf16 if args.objective == "nft" else args.train_bf16,
+                                  common.shard(init_seeds, args) if args.sde_window > 0 and trained_steps else None)
     my_scores = args.score(batch["images"], my_prompts, my_metas, names=tuple(rewards))
     scores = {name: common.gather(torch.as_tensor(np.asarray(v, np.float64)), args).numpy() for name, v in my_scores.items()}
     batch.update(prompts=my_prompts, metas=my_metas, embeds=embeds, pooled=pooled, groups=groups,
@@ -162,14 +187,7 @@ def train_on_epoch(policy, batch, advantages, informative, optimizer, args):
     trained_steps, device = batch["trained_steps"], batch["states"].device
     stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_min": math.inf, "ratio_max": -math.inf, "updates": 0}
     params = [p for p in policy.parameters() if p.requires_grad]
-    for start in range(0, len(advantages), args.train_batch_size):
-        count = int(informative[start:start + args.train_batch_size].sum())  # the chunk's trained trajectories
-        if count == 0:
-            continue
-        local = torch.arange(start // args.world, min(start + args.train_batch_size, len(advantages)) // args.world)
-        global_index = local.numpy() * args.world + args.rank
-        idx = local[torch.as_tensor(informative[global_index])]
-        adv = torch.as_tensor(advantages[global_index[informative[global_index]]], dtype=torch.float32, device=device)
+    for idx, adv, count in chunks(advantages, informative, args):
         adv = adv.clamp(-args.adv_clip, args.adv_clip)
         share = len(idx) / count / len(trained_steps)  # of the chunk's mean over trajectories and steps
         sums = torch.zeros(3, device=device)  # loss, KL, clipped fraction: no host sync per step
@@ -199,6 +217,56 @@ def train_on_epoch(policy, batch, advantages, informative, optimizer, args):
     return stats
 
 
+def chunks(advantages, informative, args):
+    """The update chunks of an epoch's global batch (--train-batch-size trajectories each, zero-variance
+    groups left out) as this process sees them: (its rows of the chunk, their advantages, the chunk's
+    count of trained trajectories). Each process holds every world-th trajectory (common.shard)."""
+    for start in range(0, len(advantages), args.train_batch_size):
+        count = int(informative[start:start + args.train_batch_size].sum())
+        if count == 0:
+            continue
+        local = torch.arange(start // args.world, min(start + args.train_batch_size, len(advantages)) // args.world)
+        global_index = local.numpy() * args.world + args.rank
+        mine = informative[global_index]
+        yield local[torch.as_tensor(mine)], torch.as_tensor(advantages[global_index[mine]], dtype=torch.float32), count
+
+
+def train_nft_epoch(policy, batch, advantages, informative, optimizer, args):
+    """DiffusionNFT instead of the policy gradient (--objective nft): the epoch's final images are
+    noised by the forward process at shifted logit-normal times and fitted with nft_loss, the
+    conditional velocity of the policy against that of the epoch's sampling policy (adapter "old",
+    fixed during the epoch); zero-variance groups are skipped. No likelihoods: every trajectory gives
+    a regression target, not a 3072-dimensional noise to correlate with the reward (README)."""
+    x0, device = batch["states"][:, -1], batch["states"].device
+    stats = {"loss": 0.0, "updates": 0}
+    params = [p for p in policy.parameters() if p.requires_grad]
+    shift = args.shift
+    for _ in range(args.nft_times):
+        for idx, adv, count in chunks(advantages, informative, args):
+            r = torch.as_tensor(optimality(adv.numpy()), dtype=torch.float32, device=device)
+            sigma = common.training_sigmas(len(idx), shift, device)
+            noise = torch.randn_like(x0[idx])
+            x_sigma = (1 - sigma).view(-1, 1, 1, 1) * x0[idx] + sigma.view(-1, 1, 1, 1) * noise
+            embeds, pooled = batch["embeds"][idx], batch["pooled"][idx]
+            optimizer.zero_grad(set_to_none=True)
+            with common.autocast(device, args.train_bf16):
+                v = common.velocity(policy, x_sigma, sigma, embeds, pooled)
+                with torch.no_grad(), common.use_adapter(policy, "old"):
+                    v_old = common.velocity(policy, x_sigma, sigma, embeds, pooled)
+            loss = nft_loss(v, v_old, noise - x0[idx], r, args.nft_beta).sum() / count
+            loss.backward()
+            stats["loss"] += common.all_reduce(loss.detach().reshape(1), args).item()
+            if not math.isfinite(stats["loss"]):
+                optimizer.zero_grad(set_to_none=True)
+                return stats
+            common.sync_gradients(params, args)
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            stats["updates"] += 1
+    stats["loss"] /= max(1, stats["updates"])
+    return stats
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -216,6 +284,9 @@ def parse_args(argv=None):
     rewards.add_arguments(p)  # --pickscore-model, --geneval-url, --deqa-url, ... (the real world's scorers)
     p.add_argument("--reward", default="geneval")  # one reward = a teacher; name=w,name=w = GRPO-Mix
     p.add_argument("--mix", choices=["sum", "advantage", "alternate"], default="sum")  # GRPO-Mix rule
+    p.add_argument("--objective", choices=["grpo", "nft"], default="grpo")  # Flow-GRPO (paper), or DiffusionNFT on the same rewards and advantages
+    p.add_argument("--nft-beta", type=float, default=1.0)  # NFT: step of the implicit positive/negative policies
+    p.add_argument("--nft-times", type=int, default=1)  # NFT: noise levels per image per epoch (one update chunk each)
     p.add_argument("--train-prompts", default=None)  # comma-separated prompt files (default: by reward)
     p.add_argument("--test-prompts", default=None)  # comma-separated prompt files (default: by reward)
     p.add_argument("--dataset", default="dataset")  # folder of the default prompt files
@@ -265,6 +336,10 @@ def main(argv=None):
     test_items = [item for f in test_files for item in common.load_prompts(f)]
 
     policy = common.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha, targets=args.lora_targets)
+    if args.objective == "nft":  # the epoch's sampling policy, v_old of nft_loss
+        policy.add_adapter("old", policy.peft_config["student"])
+        common.freeze_all_but(policy, "student")
+    args.shift = bundle.scheduler.config.get("shift", 3.0)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
     def evaluate(png):
         return evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance, png,
@@ -281,8 +356,10 @@ def main(argv=None):
             items = [it for it in train_items if common.route(it[0], it[1], {"geneval", "ocr"}) == task] or train_items
         batch = sample_epoch(policy, bundle, items, epoch_rewards, args, rng, seed=args.seed * 100003 + epoch * 1009)
         reward, advantages, informative = advantages_of(batch, epoch_rewards, args.mix)
-        stats = train_on_epoch(policy, batch, advantages, informative, optimizer, args) \
-            if np.isfinite(advantages).all() else None
+        if args.objective == "nft":
+            common.update_ema(policy, 0.0, "old")  # the sampling policy, held fixed through the epoch's updates
+        train = train_nft_epoch if args.objective == "nft" else train_on_epoch
+        stats = train(policy, batch, advantages, informative, optimizer, args) if np.isfinite(advantages).all() else None
         finite = stats is not None and math.isfinite(stats["loss"])
         bad_epochs = 0 if finite else bad_epochs + 1
         if finite:

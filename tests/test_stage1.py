@@ -186,3 +186,35 @@ def test_sde_window_shares_a_group_start_and_trains_only_window_steps(tiny_model
     assert (log_probs[:, [s for s in range(4) if s != j]] == 0).all() and (log_probs[:, j] != 0).all()
     _, _, ratio = stage1.policy_step_loss(policy, batch, torch.arange(4), j, torch.ones(4), args)
     assert torch.equal(ratio, torch.ones(4))
+
+
+def test_nft_loss_gradient_minimum_and_optimality():
+    torch.manual_seed(0)
+    v_old, target = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    r = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    for beta in (1.0, 0.3):
+        v = v_old.clone().requires_grad_(True)
+        stage1.nft_loss(v, v_old, target, r, beta).sum().backward()
+        # at v = v_old: 2 beta (2r - 1)(v_old - u), per dimension of the mean over 12 dimensions
+        expected = 2 * beta * (2 * r - 1).view(-1, 1, 1, 1) * (v_old - target) / 12
+        torch.testing.assert_close(v.grad, expected)
+        assert v.grad[2].abs().max() < 1e-7  # r = 1/2: no signal (float rounding only)
+        best = (v_old + (2 * r - 1).view(-1, 1, 1, 1) * (target - v_old) / beta).requires_grad_(True)
+        stage1.nft_loss(best, v_old, target, r, beta).sum().backward()
+        torch.testing.assert_close(best.grad, torch.zeros_like(best), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(stage1.optimality(np.array([-3.0, -0.5, 0.0, 0.5, 3.0])), [0, 0.25, 0.5, 0.75, 1])
+
+
+def test_nft_objective_samples_odes_trains_lora_and_resumes_exactly(tiny_model_dir, prompt_files, tmp_path):
+    nft = ("--objective", "nft", "--nft-times", "2", "--reward", "quality")  # continuous: groups vary
+    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "full", *nft, "--epochs", "2"))
+    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "part", *nft, "--epochs", "1"))
+    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "part", *nft, "--epochs", "2", "--resume"))
+    full = [json.loads(line) for line in open(tmp_path / "full" / "log.jsonl")]
+    part = [json.loads(line) for line in open(tmp_path / "part" / "log.jsonl")]
+    assert full[1]["updates"] > 0 and math.isfinite(full[1]["loss"]) and "ratio_min" not in full[1]
+    for key in ("reward_mean", "loss", "updates", "eval"):
+        assert part[2].get(key) == full[2].get(key), key
+    from safetensors.torch import load_file
+    weights = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in weights.items())  # the published EMA moved

@@ -823,6 +823,13 @@ def sync_gradients(params, args):
         offset += grad.numel()
 
 
+def optimizer_step(params, optimizer, args, max_grad_norm=None):
+    """The stages' update: gradients summed over processes (sync_gradients), clipped to
+    `max_grad_norm` (default --max-grad-norm), one optimizer step."""
+    sync_gradients(params, args)
+    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if max_grad_norm is None else max_grad_norm)
+    optimizer.step()
+
 # ----------------------------------------------------------------------------------------------
 # Atomic writes and images
 

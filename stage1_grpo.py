@@ -208,9 +208,7 @@ def train_on_epoch(policy, batch, advantages, informative, optimizer, args):
         if not math.isfinite(stats["loss"]):
             optimizer.zero_grad(set_to_none=True)
             return stats
-        common.sync_gradients(params, args)
-        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
+        common.optimizer_step(params, optimizer, args)
         stats["updates"] += 1
     for key in ("loss", "kl", "clip_frac"):
         stats[key] /= max(1, stats["updates"])
@@ -259,9 +257,7 @@ def train_nft_epoch(policy, batch, advantages, informative, optimizer, args):
             if not math.isfinite(stats["loss"]):
                 optimizer.zero_grad(set_to_none=True)
                 return stats
-            common.sync_gradients(params, args)
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
+            common.optimizer_step(params, optimizer, args)
             stats["updates"] += 1
     stats["loss"] /= max(1, stats["updates"])
     return stats

@@ -177,9 +177,7 @@ def fit_adapter(bundle, model, latents, prompts, layout, args, guidance):
                                          args.train_bf16, args.fit_guidance, negative, sigma[mine], noise[mine])
         optimizer.zero_grad(set_to_none=True)
         (loss * len(mine) / args.batch_size).backward()
-        common.sync_gradients(params, args)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        common.optimizer_step(params, optimizer, args, max_grad_norm=1.0)
         loss = common.all_reduce(loss.detach() * len(mine) / args.batch_size, args)
         log.append({"step": step, "loss": loss.item(), "seconds": time.time() - start})
     return log

@@ -199,9 +199,7 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
         if not math.isfinite(chunk_loss):
             optimizer.zero_grad(set_to_none=True)
             return stats
-        common.sync_gradients(params, args)
-        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
+        common.optimizer_step(params, optimizer, args)
         stats["updates"] += 1
     if args.objective == "pathwise":  # no policy ratio; and JSON has no infinity
         del stats["ratio_min"], stats["ratio_max"]

@@ -218,3 +218,20 @@ def test_nft_objective_samples_odes_trains_lora_and_resumes_exactly(tiny_model_d
     from safetensors.torch import load_file
     weights = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in weights.items())  # the published EMA moved
+
+
+def test_eval_samples_per_prompt_repeats_prompts_with_new_seeds(tiny_model_dir, prompt_files, tmp_path):
+    import eval as evaluate
+    common_args = ["--model", tiny_model_dir, "--test-prompts", prompt_files[1], "--steps", "2"]
+    evaluate.main([*common_args, "--samples-per-prompt", "3", "--out", str(tmp_path / "k3")])
+    (three,) = json.load(open(tmp_path / "k3" / "eval.json"))
+    assert three["samples_per_prompt"] == 3
+    singles = []
+    for seed in (0, 4, 8):  # 4 test prompts: sample k of prompt i has seed i + 4k, whatever the batch
+        evaluate.main([*common_args, "--seed", str(seed), "--out", str(tmp_path / f"s{seed}")])
+        singles.append(json.load(open(tmp_path / f"s{seed}" / "eval.json"))[0])
+    assert len({s["quality"] for s in singles}) == 3  # the seeds give different images
+    for key in ("quality", "geneval"):
+        assert three[key] == pytest.approx(np.mean([s[key] for s in singles]), abs=1e-9), key
+    with pytest.raises(ValueError, match="--samples-per-prompt 0"):
+        evaluate.main([*common_args, "--samples-per-prompt", "0", "--out", str(tmp_path / "k0")])

@@ -30,6 +30,9 @@ def parse_adapters(text):
     for part in filter(None, (text or "").split(",")):
         name, _, path = part.rpartition("=")
         name = name or os.path.basename(os.path.normpath(os.path.dirname(path) if path.endswith("adapter") else path))
+        if "." in name:  # torch module names (peft adapter names) cannot hold a dot
+            raise ValueError(f"row name {name!r} in --adapters has a '.'; expected a name without dots, e.g. "
+                             f"{name.replace('.', '-')!r}")
         path = common.resolve_adapter(path)  # a hub id (e.g. a published Flow-GRPO teacher) -> its cached folder
         if not os.path.isdir(path):
             raise FileNotFoundError(f"adapter folder {path!r} (for row {name!r}) does not exist; expected a peft "

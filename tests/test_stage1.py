@@ -153,6 +153,8 @@ def test_eval_puts_base_and_adapters_in_one_table(tiny_model_dir, prompt_files, 
         assert rows[1][key] == rows[2][key], key  # the same adapter, prompts and seeds give the same row
     assert "| a |" in open(tmp_path / "eval" / "table.md").read()
     assert os.path.isfile(tmp_path / "eval" / "grid.png")
+    with pytest.raises(ValueError, match="row name 'ema0.5' in --adapters has a '.'"):
+        evaluate.main(["--model", tiny_model_dir, "--adapters", f"ema0.5={adapter}", "--out", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="adapter folder .*nope"):
         evaluate.main(["--model", tiny_model_dir, "--adapters", f"x={tmp_path / 'nope'}", "--out", str(tmp_path)])
 

@@ -188,7 +188,7 @@ def train_on_epoch(policy, batch, advantages, informative, optimizer, args):
     stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_min": math.inf, "ratio_max": -math.inf, "updates": 0}
     params = [p for p in policy.parameters() if p.requires_grad]
     for idx, adv, count in chunks(advantages, informative, args):
-        adv = adv.clamp(-args.adv_clip, args.adv_clip)
+        adv = adv.to(device).clamp(-args.adv_clip, args.adv_clip)
         share = len(idx) / count / len(trained_steps)  # of the chunk's mean over trajectories and steps
         sums = torch.zeros(3, device=device)  # loss, KL, clipped fraction: no host sync per step
         ratio_min, ratio_max = torch.full((), math.inf, device=device), torch.full((), -math.inf, device=device)

@@ -730,6 +730,11 @@ def training_sigmas(n, shift, device="cpu"):
     return shift_sigmas(torch.sigmoid(torch.randn(n, device=device)), shift)
 
 
+def forward_noise(x0, sigma, noise):
+    """x_sigma = (1 - sigma) x0 + sigma eps, the forward process (METHOD.md §0); sigma a float or (B,)."""
+    return _as_batch(1 - sigma, x0) * x0 + _as_batch(sigma, x0) * noise
+
+
 def flow_matching_loss(model, x0, embeds, pooled, shift=3.0, bf16=False, guidance_scale=1.0, negative=None,
                        sigma=None, noise=None):
     """Rectified-flow loss || v(x_sigma, sigma, c) - (eps - x0) ||^2 at x_sigma = (1 - sigma) x0 + sigma eps,
@@ -739,7 +744,7 @@ def flow_matching_loss(model, x0, embeds, pooled, shift=3.0, bf16=False, guidanc
     draws (e.g. one process's share of a global batch's), else drawn here."""
     sigma = training_sigmas(len(x0), shift, x0.device) if sigma is None else sigma
     noise = torch.randn_like(x0) if noise is None else noise
-    x_sigma = _as_batch(1 - sigma, x0) * x0 + _as_batch(sigma, x0) * noise
+    x_sigma = forward_noise(x0, sigma, noise)
     with autocast(x0.device, bf16):
         v = velocity(model, x_sigma, sigma, embeds, pooled, guidance_scale, negative)
     return ((v.float() - (noise - x0)) ** 2).mean()
@@ -829,6 +834,7 @@ def optimizer_step(params, optimizer, args, max_grad_norm=None):
     sync_gradients(params, args)
     torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if max_grad_norm is None else max_grad_norm)
     optimizer.step()
+
 
 # ----------------------------------------------------------------------------------------------
 # Atomic writes and images

@@ -238,13 +238,12 @@ def train_nft_epoch(policy, batch, advantages, informative, optimizer, args):
     x0, device = batch["states"][:, -1], batch["states"].device
     stats = {"loss": 0.0, "updates": 0}
     params = [p for p in policy.parameters() if p.requires_grad]
-    shift = args.shift
     for _ in range(args.nft_times):
         for idx, adv, count in chunks(advantages, informative, args):
             r = torch.as_tensor(optimality(adv.numpy()), dtype=torch.float32, device=device)
-            sigma = common.training_sigmas(len(idx), shift, device)
+            sigma = common.training_sigmas(len(idx), args.shift, device)
             noise = torch.randn_like(x0[idx])
-            x_sigma = (1 - sigma).view(-1, 1, 1, 1) * x0[idx] + sigma.view(-1, 1, 1, 1) * noise
+            x_sigma = common.forward_noise(x0[idx], sigma, noise)
             embeds, pooled = batch["embeds"][idx], batch["pooled"][idx]
             optimizer.zero_grad(set_to_none=True)
             with common.autocast(device, args.train_bf16):
@@ -335,7 +334,7 @@ def main(argv=None):
     if args.objective == "nft":  # the epoch's sampling policy, v_old of nft_loss
         policy.add_adapter("old", policy.peft_config["student"])
         common.freeze_all_but(policy, "student")
-    args.shift = bundle.scheduler.config.get("shift", 3.0)
+        args.shift = bundle.scheduler.config.get("shift", 3.0)  # NFT's training times are shifted like the sampler's
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
     def evaluate(png):
         return evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance, png,

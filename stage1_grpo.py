@@ -282,6 +282,7 @@ def parse_args(argv=None):
     p.add_argument("--objective", choices=["grpo", "nft"], default="grpo")  # Flow-GRPO (paper), or DiffusionNFT on the same rewards and advantages
     p.add_argument("--nft-beta", type=float, default=1.0)  # NFT: step of the implicit positive/negative policies
     p.add_argument("--nft-times", type=int, default=1)  # NFT: noise levels per image per epoch (one update chunk each)
+    p.add_argument("--nft-shift", type=float, default=None)  # NFT: time shift of its logit-normal training times (default: the sampler's; 1 = centred, more low-noise detail)
     p.add_argument("--train-prompts", default=None)  # comma-separated prompt files (default: by reward)
     p.add_argument("--test-prompts", default=None)  # comma-separated prompt files (default: by reward)
     p.add_argument("--dataset", default="dataset")  # folder of the default prompt files
@@ -334,7 +335,9 @@ def main(argv=None):
     if args.objective == "nft":  # the epoch's sampling policy, v_old of nft_loss
         policy.add_adapter("old", policy.peft_config["student"])
         common.freeze_all_but(policy, "student")
-        args.shift = bundle.scheduler.config.get("shift", 3.0)  # NFT's training times are shifted like the sampler's
+        args.shift = args.nft_shift if args.nft_shift is not None else bundle.scheduler.config.get("shift", 3.0)  # by default shifted like the sampler's times
+        if args.shift <= 0:
+            raise ValueError(f"--nft-shift {args.nft_shift} is not a time shift; expected a number > 0 (1: no shift)")
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
     def evaluate(png):
         return evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance, png,

@@ -138,6 +138,8 @@ def test_bad_input_is_a_clear_error(tiny_model_dir, prompt_files, tmp_path):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--reward", "geneval=x"))
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--train-prompts", str(tmp_path / "missing.jsonl")))
+    with pytest.raises(ValueError, match="--nft-shift -1.0 is not a time shift"):
+        stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-shift", "-1"))
 
 
 def test_eval_puts_base_and_adapters_in_one_table(tiny_model_dir, prompt_files, tmp_path):

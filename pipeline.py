@@ -5,7 +5,8 @@
 
 Steps, each cached (a finished step is skipped, an interrupted one resumes from its checkpoint):
   1. the prompt files                         toy.py prompts
-  2. teachers: geneval and ocr specialists     toy.py specialist (GRPO is too slow here: README)
+  2. teachers: geneval                        stage1_grpo.py --reward geneval --objective nft (GRPO is too slow here: README)
+     ocr: a render specialist                 toy.py specialist (no reward-trained OCR teacher moves here)
      and the quality anchor                   stage1_grpo.py --reward quality
   3. the GRPO-Mix baseline                     stage1_grpo.py --reward geneval=0.5,ocr=0.5
   4. Stage 2 cold starts: merge and SFT       stage2_coldstart.py merge / sft
@@ -30,13 +31,18 @@ import toy
 
 # The budgets. FULL trains every model in minutes on a 2-core CPU; QUICK only checks the wiring.
 GRPO = ["--sde-window", "2", "--lr", "1e-3", "--train-batch-size", "16", "--clip-range", "1e-3", "--ema", "0.8"]
-FULL = {"geneval": ["--steps", "300", "--lr", "1e-3"], "ocr": ["--steps", "480", "--lr", "1e-3"],
+NFT = ["--objective", "nft", "--lr", "1e-3", "--nft-times", "2", "--ema", "0.8",  # the GenEval teacher (README, Stage 1)
+       "--train-precision", "bf16" if common.bf16_is_fast() else "fp32"]  # bf16 only where the CPU runs it natively
+FULL = {"geneval": [*NFT, "--prompts-per-epoch", "32", "--train-batch-size", "64", "--steps", "6", "--epochs", "50"],
+        "ocr": ["--steps", "480", "--lr", "1e-3"],
         "grpo": [*GRPO, "--epochs", "12"],
         "sft": ["--samples-per-task", "128", "--train-steps", "100"],
-        "opd": ["--epochs", "4"],  # 128 trajectories: the 8-epoch run was no closer at epoch 8 than at 4
+        "opd": ["--epochs", "4"],  # 128 trajectories: 16 epochs scored no closer to the teachers (README, Results)
         "curve": {"grpo-mix": "4,8", "opd-merge": "2"}}  # --eval-at: the curve's inner points; its ends are rows
                                                         # of eval.py (base / coldstart-merge, and the trained row)
-QUICK = {"geneval": ["--steps", "2", "--batch-size", "4"], "ocr": ["--steps", "2", "--batch-size", "4"],
+QUICK = {"geneval": [*NFT, "--epochs", "2", "--prompts-per-epoch", "2", "--group-size", "4", "--steps", "4",
+                     "--train-batch-size", "8", "--eval-steps", "4"],
+         "ocr": ["--steps", "2", "--batch-size", "4"],
          "grpo": [*GRPO, "--epochs", "2", "--prompts-per-epoch", "2", "--group-size", "4", "--steps", "4",
                   "--train-batch-size", "8", "--eval-steps", "4"],
          "sft": ["--samples-per-task", "8", "--train-steps", "2", "--batch-size", "8", "--sample-steps", "4"],
@@ -49,9 +55,10 @@ CURVES = (("grpo-mix", "base", "GRPO-Mix"), ("opd-merge", "coldstart-merge", "Fl
 
 
 def plan(runs, budget, model, dataset):
-    """[(row name, script, argv)] in dependency order; each run writes runs/<name>/adapter. The task
-    teachers are render specialists (toy.py specialist): Stage 1 GRPO does not move this model in
-    minutes (README, "Stage 1 in the miniature world"); quality and GRPO-Mix are Stage 1 GRPO runs."""
+    """[(row name, script, argv)] in dependency order; each run writes runs/<name>/adapter. Stage 1 GRPO
+    does not move GenEval or OCR in minutes (README, "Stage 1 in the miniature world"), so the GenEval
+    teacher is Stage 1 with DiffusionNFT's objective on the same rewards, and the OCR teacher, which no
+    reward-trained run moved, a render specialist (toy.py specialist); quality and GRPO-Mix are Stage 1 GRPO runs."""
     def out(name):
         return os.path.join(runs, name)
 
@@ -62,7 +69,7 @@ def plan(runs, budget, model, dataset):
     shared = ["--model", model, "--dataset", dataset]
     merge = ["--init", f"{out('coldstart-merge')}/adapter"]
     return [
-        ("teacher-geneval", toy, ["specialist", "--task", "geneval", *shared, *budget["geneval"]]),
+        ("teacher-geneval", stage1_grpo, [*shared, "--reward", "geneval", *budget["geneval"], *evals("teacher-geneval")]),
         ("teacher-ocr", toy, ["specialist", "--task", "ocr", *shared, *budget["ocr"]]),
         ("teacher-quality", stage1_grpo, [*shared, "--reward", "quality", *budget["grpo"], *evals("teacher-quality")]),
         ("grpo-mix", stage1_grpo, [*shared, "--reward", "geneval=0.5,ocr=0.5", "--mix", "sum", *budget["grpo"],

@@ -134,9 +134,13 @@ def sample_epoch(policy, bundle, items, rewards, args, rng, seed):
     prompts = [p for p, _ in picked for _ in range(args.group_size)]
     metas = [m for _, m in picked for _ in range(args.group_size)]
     trained_steps = sde_window(args, rng)
-    levels = [args.noise_level if j in trained_steps else 0.0 for j in range(args.steps)]
+    shared_starts = args.sde_window > 0 and args.objective == "grpo"
     if args.objective == "nft":  # any sampler will do for NFT: the deterministic ODE, each sample its own start
-        levels, trained_steps = [0.0] * args.steps, []
+        levels, trained_steps = 0.0, []
+    elif args.sde_window > 0:  # the window's steps are SDE steps, the others ODE steps
+        levels = [args.noise_level if j in trained_steps else 0.0 for j in range(args.steps)]
+    else:  # every step an SDE step (the last one is not trained)
+        levels = args.noise_level
     sigmas = common.sampling_sigmas(bundle.scheduler, args.steps)
     shape = bundle.latent_shape(bundle.resolution)
     groups = np.repeat(np.arange(len(picked)), args.group_size)
@@ -144,10 +148,10 @@ def sample_epoch(policy, bundle, items, rewards, args, rng, seed):
     my_prompts, my_metas = common.shard(prompts, args), common.shard(metas, args)
     embeds, pooled = bundle.encode(my_prompts)
     batch = common.rollout_chunks(policy, embeds, pooled, shape, sigmas, common.shard(seeds, args),
-                                  args.local_batch_size, levels if args.sde_window > 0 or not trained_steps else args.noise_level,
+                                  args.local_batch_size, levels,
                                   args.guidance, args.negative, bundle.decode,
                                   args.sample_bf16 if args.objective == "nft" else args.train_bf16,
-                                  common.shard(init_seeds, args) if args.sde_window > 0 and trained_steps else None)
+                                  common.shard(init_seeds, args) if shared_starts else None)
     my_scores = args.score(batch["images"], my_prompts, my_metas, names=tuple(rewards))
     scores = {name: common.gather(torch.as_tensor(np.asarray(v, np.float64)), args).numpy() for name, v in my_scores.items()}
     batch.update(prompts=my_prompts, metas=my_metas, embeds=embeds, pooled=pooled, groups=groups,

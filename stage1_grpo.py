@@ -238,7 +238,8 @@ def train_nft_epoch(policy, batch, advantages, informative, optimizer, args):
     """DiffusionNFT instead of the policy gradient (--objective nft): the epoch's final images are
     noised by the forward process at shifted logit-normal times and fitted with nft_loss, the
     conditional velocity of the policy against that of the epoch's sampling policy (adapter "old",
-    fixed during the epoch); zero-variance groups are skipped. No likelihoods: every trajectory gives
+    fixed during the epoch), or with --nft-guidance w the CFG velocity, which is what the rollouts
+    followed when w = --guidance; zero-variance groups are skipped. No likelihoods: every trajectory gives
     a regression target, not a 3072-dimensional noise to correlate with the reward (README)."""
     x0, device = batch["states"][:, -1], batch["states"].device
     stats = {"loss": 0.0, "updates": 0}
@@ -252,9 +253,9 @@ def train_nft_epoch(policy, batch, advantages, informative, optimizer, args):
             embeds, pooled = batch["embeds"][idx], batch["pooled"][idx]
             optimizer.zero_grad(set_to_none=True)
             with common.autocast(device, args.train_bf16):
-                v = common.velocity(policy, x_sigma, sigma, embeds, pooled)
+                v = common.velocity(policy, x_sigma, sigma, embeds, pooled, args.nft_guidance, args.nft_negative)
                 with torch.no_grad(), common.use_adapter(policy, "old"):
-                    v_old = common.velocity(policy, x_sigma, sigma, embeds, pooled)
+                    v_old = common.velocity(policy, x_sigma, sigma, embeds, pooled, args.nft_guidance, args.nft_negative)
             loss = nft_loss(v, v_old, noise - x0[idx], r, args.nft_beta).sum() / count
             loss.backward()
             stats["loss"] += common.all_reduce(loss.detach().reshape(1), args).item()
@@ -288,6 +289,7 @@ def parse_args(argv=None):
     p.add_argument("--nft-beta", type=float, default=1.0)  # NFT: step of the implicit positive/negative policies
     p.add_argument("--nft-times", type=int, default=1)  # NFT: noise levels per image per epoch (one update chunk each)
     p.add_argument("--nft-shift", type=float, default=None)  # NFT: time shift of its logit-normal training times (default: the sampler's; 1 = centred, more low-noise detail)
+    p.add_argument("--nft-guidance", type=float, default=1.0)  # NFT: CFG of the fitted velocity (1: the conditional one, DiffusionNFT's; = --guidance: the sampled policy's)
     p.add_argument("--train-prompts", default=None)  # comma-separated prompt files (default: by reward)
     p.add_argument("--test-prompts", default=None)  # comma-separated prompt files (default: by reward)
     p.add_argument("--dataset", default="dataset")  # folder of the default prompt files
@@ -343,6 +345,7 @@ def main(argv=None):
         args.shift = args.nft_shift if args.nft_shift is not None else bundle.scheduler.config.get("shift", 3.0)  # by default shifted like the sampler's times
         if args.shift <= 0:
             raise ValueError(f"--nft-shift {args.nft_shift} is not a time shift; expected a number > 0 (1: no shift)")
+        args.nft_negative = bundle.encode([""]) if args.nft_guidance != 1 else None
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
     def evaluate(png):
         return evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance, png,

@@ -209,6 +209,34 @@ def test_nft_loss_gradient_minimum_and_optimality():
     np.testing.assert_allclose(stage1.optimality(np.array([-3.0, -0.5, 0.0, 0.5, 3.0])), [0, 0.25, 0.5, 0.75, 1])
 
 
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_nft_epoch_fits_the_velocity_of_its_guidance(tiny_model_dir, guidance):
+    """At the first update the policy is its sampling policy (v = v_old), so each sample's nft_loss is
+    mean (v_old - u)^2 whatever r: the logged loss is the error of the velocity fitted, the CFG one
+    with --nft-guidance w (a conditional-only fit gives another number on this random model)."""
+    import argparse
+    bundle = common.load_model(tiny_model_dir)
+    policy = common.make_policy(bundle.transformer, rank=4, alpha=8)
+    policy.add_adapter("old", policy.peft_config["student"])
+    common.freeze_all_but(policy, "student")
+    embeds, pooled = bundle.encode(["a red circle", "a blue square"])
+    x0 = torch.randn(2, *bundle.latent_shape(bundle.resolution), generator=torch.Generator().manual_seed(1))
+    negative = bundle.encode([""]) if guidance != 1 else None
+    args = argparse.Namespace(nft_times=1, train_batch_size=2, world=1, rank=0, shift=3.0, train_bf16=False,
+                              nft_beta=1.0, nft_guidance=guidance, nft_negative=negative, max_grad_norm=1.0)
+    optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.1)
+    torch.manual_seed(0)
+    stats = stage1.train_nft_epoch(policy, {"states": x0[:, None], "embeds": embeds, "pooled": pooled},
+                                   np.array([1.0, -1.0]), np.array([True, True]), optimizer, args)
+    torch.manual_seed(0)  # the same training times and noise as the epoch drew
+    sigma = common.training_sigmas(2, 3.0)
+    noise = torch.randn_like(x0)
+    with torch.no_grad(), common.use_adapter(policy, "old"):
+        v_old = common.velocity(policy, common.forward_noise(x0, sigma, noise), sigma, embeds, pooled, guidance, negative)
+    assert stats["updates"] == 1
+    assert stats["loss"] == pytest.approx(((v_old - (noise - x0)) ** 2).flatten(1).mean(1).mean().item(), rel=1e-5)
+
+
 def test_nft_objective_samples_odes_trains_lora_and_resumes_exactly(tiny_model_dir, prompt_files, tmp_path):
     nft = ("--objective", "nft", "--nft-times", "2", "--reward", "quality")  # continuous: groups vary
     stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "full", *nft, "--epochs", "2"))

@@ -2,6 +2,8 @@
 other tools) and BENCHMARKS.md is rewritten from it.
 
     python bench.py peak      # the machine's bf16 / fp32 matmul peak (GFLOP/s)
+    python bench.py sd35m-gpu # the same transformer on a CUDA GPU at the paper's 512 px: Stage 3 step time and
+                              #   the allocator's peak per prompts-per-chunk, checkpointing on/off
     python bench.py sd35m     # full-size SD3.5-Medium transformer, random bf16 weights, this CPU:
                               #   Stage 3 peak RSS, adapters on one base vs one model copy per guide,
                               #   one OPD step at 256 px (time, FLOPs, MFU), and the memory of a
@@ -63,10 +65,10 @@ def matmul_peak(dtype, sizes=(1024, 2048, 4096), repeats=20, budget_seconds=5.0)
     return best
 
 
-def build_sd35m():
-    """The SD3.5-M transformer with random weights, allocated once in bf16 (frozen, eval mode). Built on
-    the meta device, then filled: a normal constructor's fp32 temporaries would stay in the allocator's
-    arenas and inflate every peak-RSS number by ~1.5 GiB per model."""
+def build_sd35m(device="cpu"):
+    """The SD3.5-M transformer with random weights, allocated once in bf16 on `device` (frozen, eval mode).
+    Built on the meta device, then filled: a normal constructor's fp32 temporaries would stay in the
+    allocator's arenas and inflate every peak-RSS number by ~1.5 GiB per model."""
     from diffusers import SD3Transformer2DModel
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -74,8 +76,8 @@ def build_sd35m():
             model = SD3Transformer2DModel(**SD35M)
     finally:
         torch.set_default_dtype(torch.float32)
-    model = model.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(0)
+    model = model.to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() > 1:
@@ -110,23 +112,24 @@ class BaseOf(torch.nn.Module):
             return self.policy(**kwargs)
 
 
-def opd_step(policy, guides, optimizer, resolution, guidance=4.5):
-    """One Stage 3 step for one prompt (M3-M5): the student's CFG velocity with grad, the routed teacher's
-    and the anchor's under no_grad at the same state, KL + 0.04 KL_anchor, backward, AdamW step.
+def opd_step(policy, guides, optimizer, resolution, guidance=4.5, prompts=1, device="cpu"):
+    """One Stage 3 step for `prompts` prompts (M3-M5): the student's CFG velocity with grad, the routed
+    teacher's and the anchor's under no_grad at the same state, KL + 0.04 KL_anchor, backward, AdamW step.
     `guides`: ("mixed", peft_model, [teacher, anchor]) = one mixed-adapter call on the student's base,
     or ("copies", [teacher_model, anchor_model]) = one call per separate model."""
     side = resolution // 8
-    x = torch.randn(1, 16, side, side)
-    embeds, pooled = torch.randn(1, TEXT_TOKENS, 4096), torch.randn(1, 2048)
-    negative = (torch.zeros(1, TEXT_TOKENS, 4096), torch.zeros(1, 2048))
+    x = torch.randn(prompts, 16, side, side, device=device)
+    embeds, pooled = torch.randn(prompts, TEXT_TOKENS, 4096, device=device), torch.randn(prompts, 2048, device=device)
+    negative = (torch.zeros(1, TEXT_TOKENS, 4096, device=device), torch.zeros(1, 2048, device=device))
     sigma, sigma_next = 0.7, 0.6
-    with torch.autocast("cpu", torch.bfloat16):
+    with common.autocast(device, True):
         v_student = common.velocity(policy, x, sigma, embeds, pooled, guidance, negative)
         with torch.no_grad():
             if guides[0] == "mixed":
-                v_teacher, v_anchor = common.velocity(guides[1], x.expand(2, -1, -1, -1), sigma, embeds.expand(2, -1, -1),
-                                                      pooled.expand(2, -1), guidance, negative,
-                                                      adapter_names=guides[2]).chunk(2)
+                teacher, anchor = guides[2]
+                v_teacher, v_anchor = common.velocity(guides[1], x.repeat(2, 1, 1, 1), sigma, embeds.repeat(2, 1, 1),
+                                                      pooled.repeat(2, 1), guidance, negative,
+                                                      adapter_names=[teacher] * prompts + [anchor] * prompts).chunk(2)
             else:
                 v_teacher, v_anchor = (common.velocity(m, x, sigma, embeds, pooled, guidance, negative) for m in guides[1])
     kl = common.step_kl(v_student, v_teacher, sigma, sigma_next, 1.0, 0.7)
@@ -136,11 +139,14 @@ def opd_step(policy, guides, optimizer, resolution, guidance=4.5):
     optimizer.zero_grad(set_to_none=True)
 
 
-def sd35m_worker(layout, resolution, checkpointing, steps=2):
-    """One measurement in this process: build the layout, run `steps` steps (the first counts FLOPs),
-    time the last. Prints one JSON line."""
+def sd35m_worker(layout, resolution, checkpointing, prompts=1, device="cpu"):
+    """One measurement in this process: build the layout, run steps (the first counts FLOPs), time the
+    last (on a GPU: the median of 3 after 2 warm-ups, cuBLAS/autotuning being in the first). Prints one
+    JSON line; peak memory is the process's RSS on CPU, the allocator's peak on a GPU."""
+    cuda = device.startswith("cuda")
+    steps = 5 if cuda else 2
     start = time.time()
-    policy = common.make_policy(build_sd35m(), 32, 64, targets=common.FLOW_GRPO_LORA_TARGETS)
+    policy = common.make_policy(build_sd35m(device), 32, 64, targets=common.FLOW_GRPO_LORA_TARGETS).to(device)
     if checkpointing:
         policy.get_base_model().enable_gradient_checkpointing()
     if layout == "adapters":  # Flow-OPD here: 2 teachers + the anchor as adapters on the student's base
@@ -151,7 +157,7 @@ def sd35m_worker(layout, resolution, checkpointing, steps=2):
     elif layout == "copies":  # the released layout: a separate model per teacher; its default anchor is the
         copies = []           # base, i.e. the student's model with its adapter disabled (one copy fewer than ours)
         for i in range(2):
-            copy = common.add_lora(build_sd35m(), 32, 64, common.FLOW_GRPO_LORA_TARGETS, name="guide")
+            copy = common.add_lora(build_sd35m(device), 32, 64, common.FLOW_GRPO_LORA_TARGETS, name="guide").to(device)
             random_guide(copy, "guide", i)
             copies.append(copy.eval().requires_grad_(False))
         guides = ("copies", [copies[0], BaseOf(policy)])  # the routed teacher (geneval) and the anchor
@@ -164,8 +170,8 @@ def sd35m_worker(layout, resolution, checkpointing, steps=2):
     for step in range(steps):
         t0 = time.perf_counter()
         if guides is None:
-            x0 = torch.randn(1, 16, resolution // 8, resolution // 8)
-            embeds, pooled = torch.randn(1, TEXT_TOKENS, 4096), torch.randn(1, 2048)
+            x0 = torch.randn(prompts, 16, resolution // 8, resolution // 8, device=device)
+            embeds, pooled = torch.randn(prompts, TEXT_TOKENS, 4096, device=device), torch.randn(prompts, 2048, device=device)
             loss = common.flow_matching_loss(policy, x0, embeds, pooled, bf16=True)  # bf16 weights
             loss.backward()
             optimizer.step()
@@ -173,14 +179,18 @@ def sd35m_worker(layout, resolution, checkpointing, steps=2):
         elif step == 0:
             counter = FlopCounterMode(display=False)
             with counter:
-                opd_step(policy, guides, optimizer, resolution)
+                opd_step(policy, guides, optimizer, resolution, prompts=prompts, device=device)
             flops = counter.get_total_flops()
         else:
-            opd_step(policy, guides, optimizer, resolution)
+            opd_step(policy, guides, optimizer, resolution, prompts=prompts, device=device)
+        if cuda:
+            torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t0)
-    print(json.dumps({"layout": layout, "resolution": resolution, "checkpointing": checkpointing,
-                      "build_seconds": built, "step_seconds": seconds[-1], "flops": flops,
-                      "peak_rss_gib": peak_rss_gib(), "params": sum(p.numel() for p in policy.get_base_model().parameters())}))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else peak_rss_gib()
+    print(json.dumps({"layout": layout, "resolution": resolution, "checkpointing": checkpointing, "prompts": prompts,
+                      "build_seconds": built, "step_seconds": sorted(seconds[2:])[1] if cuda else seconds[-1],
+                      "flops": flops, "peak_gib": peak,
+                      "params": sum(p.numel() for p in policy.get_base_model().parameters())}))
 
 
 def loop_efficiency(stage_main, argv):
@@ -401,22 +411,61 @@ def run_worker(*args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cuda_matmul_peak(dtype=torch.bfloat16, n=8192, repeats=10):
+    """GFLOP/s of an n^3 matmul on the GPU on random data: the median of `repeats` after 3 warm-ups."""
+    a, b = torch.randn(n, n, dtype=dtype, device="cuda"), torch.randn(n, n, dtype=dtype, device="cuda")
+    times = []
+    for i in range(3 + repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / sorted(times[3:])[repeats // 2] / 1e9
+
+
+def sd35m_gpu(results):
+    """The plan's table, measured: Stage 3 at 512 px with CFG per prompts-per-chunk, with and without
+    gradient checkpointing, adapters vs copies, and the student's plain training step; peak = the CUDA
+    allocator's peak of that process (T5 and the CLIP encoders are not loaded: add their weights)."""
+    peak = cuda_matmul_peak()
+    results["gpu_name"] = torch.cuda.get_device_name()
+    results["gpu_peak_bf16_gflops"] = peak
+    for layout, checkpointing, prompts in [("adapters", 0, 1), ("adapters", 0, 4), ("adapters", 1, 1),
+                                           ("adapters", 1, 16), ("copies", 0, 1), ("student", 0, 1),
+                                           ("student", 1, 1)]:
+        key = f"gpu_sd35m_512_{layout}_{'ckpt_' if checkpointing else ''}{prompts}p"
+        try:
+            m = run_worker(layout, 512, checkpointing, prompts, "cuda")
+        except SystemExit as error:  # e.g. out of memory: record it and go on
+            print(error, file=sys.stderr)
+            results[key + "_error"] = str(error).strip().splitlines()[-1][:200]
+            continue
+        results[key + "_peak_gib"] = m["peak_gib"]
+        results[key + "_step_seconds"] = m["step_seconds"]
+        if m["flops"]:  # FlopCounterMode counts the checkpointed blocks' recomputation too
+            results[key + "_tflops_achieved"] = m["flops"] / m["step_seconds"] / 1e12
+            results[key + "_mfu"] = m["flops"] / m["step_seconds"] / 1e9 / peak
+        print(json.dumps({key: m}), flush=True)
+
+
 def sd35m(results):
     peak = matmul_peak(torch.bfloat16)
-    adapters = run_worker("adapters", 256, 0)
-    copies = run_worker("copies", 256, 0)
-    plain = run_worker("student", 512, 0)
-    checkpointed = run_worker("student", 512, 1)
+    adapters = run_worker("adapters", 256, 0, 1, "cpu")
+    copies = run_worker("copies", 256, 0, 1, "cpu")
+    plain = run_worker("student", 512, 0, 1, "cpu")
+    checkpointed = run_worker("student", 512, 1, 1, "cpu")
     results.update({
         "sd35m_params": adapters["params"],
-        "sd35m_stage3_peak_rss_gib_adapters": adapters["peak_rss_gib"],
-        "sd35m_stage3_peak_rss_gib_copies": copies["peak_rss_gib"],
-        "sd35m_stage3_rss_ratio_adapters_vs_copies": adapters["peak_rss_gib"] / copies["peak_rss_gib"],
+        "sd35m_stage3_peak_rss_gib_adapters": adapters["peak_gib"],
+        "sd35m_stage3_peak_rss_gib_copies": copies["peak_gib"],
+        "sd35m_stage3_rss_ratio_adapters_vs_copies": adapters["peak_gib"] / copies["peak_gib"],
         "sd35m_opd_step_seconds_256": adapters["step_seconds"],
         "sd35m_opd_step_seconds_256_copies": copies["step_seconds"],
         "sd35m_opd_step_gflop_256": adapters["flops"] / 1e9,
-        "sd35m_train_step_512_peak_rss_gib": plain["peak_rss_gib"],
-        "sd35m_train_step_512_peak_rss_gib_checkpointing": checkpointed["peak_rss_gib"],
+        "sd35m_train_step_512_peak_rss_gib": plain["peak_gib"],
+        "sd35m_train_step_512_peak_rss_gib_checkpointing": checkpointed["peak_gib"],
         "sd35m_train_step_512_seconds": plain["step_seconds"],
         "sd35m_train_step_512_seconds_checkpointing": checkpointed["step_seconds"],
         "sd35m_peak_bf16_gflops": peak,  # measured here, on the same machine as the step
@@ -426,7 +475,8 @@ def sd35m(results):
 
 def write(results, command):
     results["machine"] = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {common.bf16_is_fast()}")
+                          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {common.bf16_is_fast()}"
+                          + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     results.setdefault("commands", [])
     if command not in results["commands"]:
         results["commands"].append(command)
@@ -434,6 +484,11 @@ def write(results, command):
     with open(RESULTS + ".tmp", "w") as f:
         json.dump(results, f, indent=1)
     os.replace(RESULTS + ".tmp", RESULTS)
+    write_markdown(results)
+
+
+def write_markdown(results):
+    """BENCHMARKS.md: every key of BENCHMARKS.json, under the machine each command last ran on."""
     lines = ["# Benchmarks", "", "Each command's numbers come from the machine it last ran on:", ""]
     lines += [f"- `{c}`: {results['machine_of'].get(c, 'x86_64, 2 cores, torch 2.13.0+cpu, native bf16')}" for c in results["commands"]]
     lines += ["", "| key | value |", "|---|---|"]
@@ -445,13 +500,13 @@ def write(results, command):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["peak", "sd35m", "loops", "modes", "sampler", "overheads", "pipeline",
-                                    "sd35m-worker"])  # which benchmark
-    p.add_argument("worker_args", nargs="*")  # internal: layout, resolution, checkpointing of one worker
+    p.add_argument("what", choices=["peak", "sd35m", "sd35m-gpu", "loops", "modes", "sampler", "overheads",
+                                    "pipeline", "sd35m-worker"])  # which benchmark
+    p.add_argument("worker_args", nargs="*")  # internal: layout, resolution, checkpointing, prompts, device of one worker
     args = p.parse_args(argv)
     if args.what == "sd35m-worker":
-        layout, resolution, checkpointing = args.worker_args
-        return sd35m_worker(layout, int(resolution), bool(int(checkpointing)))
+        layout, resolution, checkpointing, prompts, device = args.worker_args
+        return sd35m_worker(layout, int(resolution), bool(int(checkpointing)), int(prompts), device)
     results = json.load(open(RESULTS)) if os.path.isfile(RESULTS) else {}
     if args.what == "peak":
         results["peak_bf16_gflops"] = matmul_peak(torch.bfloat16)
@@ -466,6 +521,8 @@ def main(argv=None):
         sampler(results)
     elif args.what == "overheads":
         overheads(results)
+    elif args.what == "sd35m-gpu":
+        sd35m_gpu(results)
     else:
         sd35m(results)
     write(results, f"python bench.py {args.what}")

@@ -79,10 +79,12 @@ def load_model_from_args(args):
         bundle = dataclasses.replace(bundle, resolution=args.resolution)
     args.resolution = bundle.resolution
     args.lora_targets = tuple(args.lora_targets.split(",")) if args.lora_targets else bundle.defaults["lora_targets"]
-    if args.train_precision == "fp32" and dtype == "bfloat16":
-        raise ValueError("--train-precision fp32 needs fp32 base weights; expected --model-dtype float32 with it")
+    for flag in ("train_precision", "sample_precision", "eval_precision"):  # autocast off on bf16 weights = a dtype clash
+        if getattr(args, flag) == "fp32" and dtype == "bfloat16":
+            raise ValueError(f"--{flag.replace('_', '-')} fp32 needs fp32 base weights (the weights are bf16, the "
+                             f"default on {args.device}); expected --model-dtype float32 with it")
     args.train_bf16 = (args.train_precision or ("bf16" if dtype == "bfloat16" else "fp32")) == "bf16"
-    args.sample_bf16 = (args.sample_precision or ("bf16" if bf16_is_fast(args.device) else "fp32")) == "bf16"
+    args.sample_bf16 = (args.sample_precision or ("bf16" if dtype == "bfloat16" or bf16_is_fast(args.device) else "fp32")) == "bf16"
     args.eval_bf16 = (args.eval_precision or ("bf16" if dtype == "bfloat16" else "fp32")) == "bf16"
     if args.compile:
         bundle.transformer.compile()  # in place: LoRA layers added later are traced too; one graph per adapter state
@@ -762,7 +764,12 @@ def init_distributed(args):
     if args.world > 1 and not torch.distributed.is_initialized():
         cuda = str(args.device).startswith("cuda")
         if cuda:
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            if local_rank >= torch.cuda.device_count():
+                raise ValueError(f"process {local_rank} of {os.environ.get('LOCAL_WORLD_SIZE')} on this machine has no GPU "
+                                 f"({torch.cuda.device_count()} visible); expected --nproc_per_node <= the GPU count, "
+                                 f"or --device cpu")
+            args.device = f"cuda:{local_rank}"
             torch.cuda.set_device(args.device)
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
         atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())

@@ -324,6 +324,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     args.rewards = parse_rewards(args.reward)
+    nft_flags = {"--nft-beta": args.nft_beta != 1.0, "--nft-times": args.nft_times != 1,
+                 "--nft-shift": args.nft_shift is not None, "--nft-guidance": args.nft_guidance != 1.0}
+    if args.objective != "nft" and any(nft_flags.values()):  # they would be ignored silently
+        raise ValueError(f"{', '.join(f for f, given in nft_flags.items() if given)} only apply to --objective nft; "
+                         f"expected --objective nft with them, or none of them with --objective {args.objective}")
     common.init_distributed(args)  # torchrun: one process per GPU (or CPU share), each on a shard of every batch
     common.check_divisible(args, group_size=args.group_size, train_batch_size=args.train_batch_size)
     args.local_batch_size = args.train_batch_size // args.world

@@ -1,13 +1,16 @@
 """torchrun: a 2-process gloo job on the CPU matches the single-process run with the same global batch
 (prompts sharded, rewards gathered for global advantage statistics, gradients summed, rank 0 writes)."""
+import argparse
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+import common
 import stage1_grpo as stage1
 import stage2_coldstart as stage2
 import stage3_opd as stage3
@@ -84,3 +87,11 @@ def test_a_batch_that_does_not_split_over_the_processes_is_a_clear_error(tiny_mo
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode != 0 and "--rollouts-per-epoch 7 does not split over 2 processes" in done.stderr
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # torchrun --nproc_per_node 2 on a one-GPU machine
+    with pytest.raises(ValueError, match=r"process 1 of 2 on this machine has no GPU \(1 visible\)"):
+        common.init_distributed(argparse.Namespace(device="cuda"))

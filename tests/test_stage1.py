@@ -140,6 +140,11 @@ def test_bad_input_is_a_clear_error(tiny_model_dir, prompt_files, tmp_path):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--train-prompts", str(tmp_path / "missing.jsonl")))
     with pytest.raises(ValueError, match="--nft-shift -1.0 is not a time shift"):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-shift", "-1"))
+    with pytest.raises(ValueError, match="--nft-times, --nft-guidance only apply to --objective nft"):
+        stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--nft-times", "2", "--nft-guidance", "4.5"))
+    for flag in ("--train-precision", "--sample-precision", "--eval-precision"):  # autocast off on bf16 weights
+        with pytest.raises(ValueError, match=f"{flag} fp32 needs fp32 base weights"):
+            stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--model-dtype", "bfloat16", flag, "fp32"))
 
 
 def test_eval_puts_base_and_adapters_in_one_table(tiny_model_dir, prompt_files, tmp_path):

@@ -6,7 +6,8 @@
     python stage1_grpo.py --reward geneval=0.5,ocr=0.5 --mix sum --out runs/grpo-mix
     python stage1_grpo.py --reward geneval --objective nft --prompts-per-epoch 32 --train-batch-size 64 \
         --nft-times 2 --lr 2e-3 --ema 0.5 --steps 6 --train-precision bf16 --epochs 50 \
-        --out runs/nft-geneval    # DiffusionNFT instead of GRPO: +0.04 to +0.20 GenEval over 3 seeds, 9 min on 2 Zen 5 cores (README)
+        --out runs/nft-geneval    # DiffusionNFT instead of GRPO: +0.04 to +0.20 GenEval over 3 seeds, 9 min on 2 Zen 5 cores;
+                                  # it can diverge at this lr, with --nft-guidance 4.5 as well (README)
 
 Each epoch: M prompts x G SDE rollouts of the LoRA policy (M1), one reward per image, advantages
 with a per-prompt mean and a global std, then a PPO-clip update on every step but the last with a

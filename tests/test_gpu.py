@@ -6,19 +6,15 @@ the CPU contract and hides the GPU (conftest.py); on a machine with one, run the
 Only GenEval prompts are scored, so no OCR engine is needed."""
 import json
 import math
-import random
 
-import numpy as np
 import pytest
 import torch
 
-import common
 import eval as evaluate
-import rewards
 import stage1_grpo as stage1
 import stage2_coldstart as stage2
 import stage3_opd as stage3
-from test_stage1 import prompt_files, tiny_args  # noqa: F401 (prompt_files is a fixture)
+from test_stage1 import check_one_tiny_epoch, prompt_files, tiny_args, tiny_epoch_setup  # noqa: F401 (a fixture)
 from test_stage3 import random_adapter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and FLOW_OPD_GPU_TESTS=1")
@@ -26,40 +22,12 @@ DEVICE = "cuda"  # every --device default where a GPU is present
 
 
 def test_cuda_defaults_keep_fp32_lora_on_bf16_weights_and_the_first_ratio_is_one(tiny_model_dir, prompt_files, tmp_path):
-    args = stage1.parse_args(tiny_args(tiny_model_dir, prompt_files, tmp_path))
-    args.rewards = stage1.parse_rewards(args.reward)
-    args.rank, args.world, args.local_batch_size = 0, 1, args.train_batch_size
-    bundle = common.load_model_from_args(args)
+    args, bundle = tiny_epoch_setup(tiny_model_dir, prompt_files, tmp_path)
     assert args.device == DEVICE and bundle.transformer.dtype == torch.bfloat16
     assert args.train_bf16 and args.sample_bf16 and args.eval_bf16
-    args.score, args.eval_rewards = rewards.from_args(args, bundle)
-    args.guidance, args.eval_guidance, args.eval_steps = 4.5, 4.5, 2
-    args.negative = bundle.encode([""])
-    base = {n: p.detach().clone() for n, p in bundle.transformer.named_parameters()}
-    policy = common.add_lora(bundle.transformer, 4, 8)
-    lora = {n: p for n, p in policy.named_parameters() if "lora_" in n}
-    assert all(p.dtype == torch.float32 and p.device.type == DEVICE for p in lora.values())
-    with torch.no_grad():
-        for p in lora.values():
-            p.normal_(0, 0.01)
-    lora_before = {n: p.detach().clone() for n, p in lora.items()}
-    batch = stage1.sample_epoch(policy, bundle, common.load_prompts(prompt_files[0]), args.rewards, args,
-                                random.Random(0), seed=0)
-    _, advantages, informative = stage1.advantages_of(batch, args.rewards, "sum")
-    # the rollout ran in the training precision and chunking, so bf16 on the GPU recomputes it bit for bit too
-    ones = torch.ones(4, device=DEVICE)
-    for j in range(2):
-        _, _, ratio = stage1.policy_step_loss(policy, batch, torch.arange(4), j, ones, args)
-        assert torch.equal(ratio, ones), j
-    informative[:] = True
-    advantages = np.where(advantages == 0, 1.0, advantages)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
-    stats = stage1.train_on_epoch(policy, batch, advantages, informative, optimizer, args)
-    assert stats["updates"] == 2 and math.isfinite(stats["loss"])
-    assert any(not torch.equal(p, lora_before[n]) for n, p in lora.items())
-    for n, p in policy.get_base_model().named_parameters():
-        if "lora_" not in n:
-            assert torch.equal(p, base[n.replace(".base_layer", "")]), n
+    # the rollout runs in the training precision and chunking, so bf16 on the GPU recomputes it bit for bit too
+    policy = check_one_tiny_epoch(args, bundle, prompt_files)
+    assert all(p.dtype == torch.float32 and p.device.type == DEVICE for n, p in policy.named_parameters() if "lora_" in n)
 
 
 def test_every_stage_and_eval_run_on_cuda(tiny_model_dir, prompt_files, tmp_path):

@@ -82,14 +82,21 @@ def tiny_args(model_dir, prompt_files, out, *extra):
             "--eval-every", "1", "--lr", "1e-2", *extra]
 
 
-def test_one_tiny_epoch_changes_only_lora_weights_and_starts_at_ratio_one(tiny_model_dir, prompt_files, tmp_path):
-    args = stage1.parse_args(tiny_args(tiny_model_dir, prompt_files, tmp_path))
+def tiny_epoch_setup(model_dir, prompt_files, out):
+    """stage1's args and model as main() sets them up (the device's defaults), for epochs driven by hand."""
+    args = stage1.parse_args(tiny_args(model_dir, prompt_files, out))
     args.rewards = stage1.parse_rewards(args.reward)
     args.rank, args.world, args.local_batch_size = 0, 1, args.train_batch_size
     bundle = common.load_model_from_args(args)
     args.score, args.eval_rewards = rewards.from_args(args, bundle)
     args.guidance, args.eval_guidance, args.eval_steps = 4.5, 4.5, 2
     args.negative = bundle.encode([""])
+    return args, bundle
+
+
+def check_one_tiny_epoch(args, bundle, prompt_files):
+    """One epoch by hand: the first update recomputes the rollout's log-probs bit for bit (ratio 1), the
+    second chunk is off-policy, and only LoRA weights change. Returns the policy."""
     base = {n: p.detach().clone() for n, p in bundle.transformer.named_parameters()}
     policy = common.add_lora(bundle.transformer, 4, 8)
     with torch.no_grad():
@@ -101,10 +108,10 @@ def test_one_tiny_epoch_changes_only_lora_weights_and_starts_at_ratio_one(tiny_m
     batch = stage1.sample_epoch(policy, bundle, items, args.rewards, args, random.Random(0), seed=0)
     reward, advantages, informative = stage1.advantages_of(batch, args.rewards, "sum")
     assert batch["states"].shape[:2] == (8, 4) and batch["log_probs"].shape == (8, 3)
-    # the first update recomputes the stored log-probs exactly: ratio == 1 bit for bit
+    ones = torch.ones(4, device=args.device)
     for j in range(2):
-        _, _, ratio = stage1.policy_step_loss(policy, batch, torch.arange(4), j, torch.ones(4), args)
-        assert torch.equal(ratio, torch.ones(4)), j
+        _, _, ratio = stage1.policy_step_loss(policy, batch, torch.arange(4), j, ones, args)
+        assert torch.equal(ratio, ones), j
     informative[:] = True  # a random model may give a zero-variance group; train on everything here
     advantages = np.where(advantages == 0, 1.0, advantages)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
@@ -116,6 +123,11 @@ def test_one_tiny_epoch_changes_only_lora_weights_and_starts_at_ratio_one(tiny_m
     for n, p in policy.get_base_model().named_parameters():
         if "lora_" not in n:
             assert torch.equal(p, base[n.replace(".base_layer", "")]), n
+    return policy
+
+
+def test_one_tiny_epoch_changes_only_lora_weights_and_starts_at_ratio_one(tiny_model_dir, prompt_files, tmp_path):
+    check_one_tiny_epoch(*tiny_epoch_setup(tiny_model_dir, prompt_files, tmp_path), prompt_files)
 
 
 def test_resume_reproduces_the_next_epoch(tiny_model_dir, prompt_files, tmp_path):

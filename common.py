@@ -59,7 +59,7 @@ def add_model_arguments(p):
     p.add_argument("--resolution", type=int, default=None)  # image side in pixels (default: the model's; paper: 512)
     p.add_argument("--lora-targets", default=None)  # comma-separated LoRA modules of a new adapter (default: the model's; SD3: Flow-GRPO's 8)
     p.add_argument("--train-precision", choices=["bf16", "fp32"], default=None)  # passes with gradients: bf16 autocast or fp32 (default: bf16 with bf16 weights; fp32 with fp32 weights: bf16 autocast was 1.5x slower on one CPU, 1.07x faster on another, README "Speed")
-    p.add_argument("--sample-precision", choices=["bf16", "fp32"], default=None)  # no-grad passes: rollouts, SFT samples (Stage 3's teacher/anchor velocities follow --train-precision); default bf16 where it is fast (common.bf16_is_fast), else fp32
+    p.add_argument("--sample-precision", choices=["bf16", "fp32"], default=None)  # no-grad passes: rollouts, SFT samples (Stage 3's teacher/anchor velocities follow --train-precision); default bf16 on bf16 weights or where it is fast (common.bf16_is_fast), else fp32
     p.add_argument("--eval-precision", choices=["bf16", "fp32"], default=None)  # test evaluations (eval.py, in-training); default fp32 with fp32 weights: the same adapter scores the same on every CPU
     p.add_argument("--compile", action="store_true")  # torch.compile the transformer (worth it on GPU; on a 2-core CPU its compile time exceeds its gain at miniature budgets, BENCHMARKS.md)
 

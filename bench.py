@@ -112,14 +112,19 @@ class BaseOf(torch.nn.Module):
             return self.policy(**kwargs)
 
 
+def random_inputs(prompts, resolution, device):
+    """Latents and prompt embeddings in SD3.5-M's shapes (16 latent channels, 333 x 4096 tokens, 2048 pooled)."""
+    side = resolution // 8
+    return (torch.randn(prompts, 16, side, side, device=device), torch.randn(prompts, TEXT_TOKENS, 4096, device=device),
+            torch.randn(prompts, 2048, device=device))
+
+
 def opd_step(policy, guides, optimizer, resolution, guidance=4.5, prompts=1, device="cpu"):
     """One Stage 3 step for `prompts` prompts (M3-M5): the student's CFG velocity with grad, the routed
     teacher's and the anchor's under no_grad at the same state, KL + 0.04 KL_anchor, backward, AdamW step.
     `guides`: ("mixed", peft_model, [teacher, anchor]) = one mixed-adapter call on the student's base,
     or ("copies", [teacher_model, anchor_model]) = one call per separate model."""
-    side = resolution // 8
-    x = torch.randn(prompts, 16, side, side, device=device)
-    embeds, pooled = torch.randn(prompts, TEXT_TOKENS, 4096, device=device), torch.randn(prompts, 2048, device=device)
+    x, embeds, pooled = random_inputs(prompts, resolution, device)
     negative = (torch.zeros(1, TEXT_TOKENS, 4096, device=device), torch.zeros(1, 2048, device=device))
     sigma, sigma_next = 0.7, 0.6
     with common.autocast(device, True):
@@ -170,8 +175,7 @@ def sd35m_worker(layout, resolution, checkpointing, prompts=1, device="cpu"):
     for step in range(steps):
         t0 = time.perf_counter()
         if guides is None:
-            x0 = torch.randn(prompts, 16, resolution // 8, resolution // 8, device=device)
-            embeds, pooled = torch.randn(prompts, TEXT_TOKENS, 4096, device=device), torch.randn(prompts, 2048, device=device)
+            x0, embeds, pooled = random_inputs(prompts, resolution, device)
             loss = common.flow_matching_loss(policy, x0, embeds, pooled, bf16=True)  # bf16 weights
             loss.backward()
             optimizer.step()

@@ -765,9 +765,10 @@ def init_distributed(args):
         cuda = str(args.device).startswith("cuda")
         if cuda:
             local_rank = int(os.environ.get("LOCAL_RANK", 0))
-            if local_rank >= torch.cuda.device_count():
+            gpus = torch.cuda.device_count()
+            if local_rank >= gpus:
                 raise ValueError(f"process {local_rank} of {os.environ.get('LOCAL_WORLD_SIZE')} on this machine has no GPU "
-                                 f"({torch.cuda.device_count()} visible); expected --nproc_per_node <= the GPU count, "
+                                 f"({gpus} visible); expected --nproc_per_node <= the GPU count, "
                                  f"or --device cpu")
             args.device = f"cuda:{local_rank}"
             torch.cuda.set_device(args.device)

@@ -622,11 +622,16 @@ def update_ema(policy, decay, target="ema"):
                 param.lerp_(params[name.replace(f".{target}.", ".student.")], 1 - decay)
 
 
+RUN_ADAPTERS = ("student", "ema", "old")  # the adapters a run changes; teachers and anchors stay in their folders
+
+
 def save_checkpoint(folder, policy, optimizer, epoch, rng, log):
-    """Atomic OUT/checkpoint: the student and EMA adapters (peft folders), optimizer, RNG states, epoch, log."""
+    """Atomic OUT/checkpoint: the run's adapters (student, EMA and NFT's sampling policy "old" where there is
+    one; peft folders), optimizer, RNG states, epoch, log."""
+    names = [name for name in RUN_ADAPTERS if name in policy.peft_config]
     def write(tmp):
-        policy.save_pretrained(tmp, selected_adapters=["student", "ema"])
-        torch.save({"student": lora_state(policy, "student"), "ema": lora_state(policy, "ema"),
+        policy.save_pretrained(tmp, selected_adapters=names)
+        torch.save({"adapters": {name: lora_state(policy, name) for name in names},
                     "optimizer": optimizer.state_dict(), "epoch": epoch, "log": log, "python_rng": rng.getstate(),
                     "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()},
                    os.path.join(tmp, "state.pt"))
@@ -638,13 +643,14 @@ def load_checkpoint(folder, policy, optimizer, rng):
     another model or LoRA shape."""
     state = torch.load(os.path.join(folder, "checkpoint", "state.pt"), weights_only=False)
     params = dict(policy.named_parameters())
-    for name, value in state["student"].items():
+    saved = {name: value for adapter in state["adapters"].values() for name, value in adapter.items()}
+    for name, value in saved.items():
         if name not in params or params[name].shape != value.shape:
             raise ValueError(f"checkpoint {folder}/checkpoint does not fit this model and LoRA: {name} "
                              f"{tuple(value.shape)} vs {tuple(params[name].shape) if name in params else 'absent'}; "
-                             f"expected the same --model, LoRA rank and targets as the run that wrote it")
+                             f"expected the same --model, LoRA rank and targets (and --objective) as the run that wrote it")
     with torch.no_grad():
-        for name, value in {**state["student"], **state["ema"]}.items():
+        for name, value in saved.items():
             params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     rng.setstate(state["python_rng"])

@@ -291,6 +291,7 @@ def parse_args(argv=None):
     p.add_argument("--nft-times", type=int, default=1)  # NFT: noise levels per image per epoch (one update chunk each)
     p.add_argument("--nft-shift", type=float, default=None)  # NFT: time shift of its logit-normal training times (default: the sampler's; 1 = centred, more low-noise detail)
     p.add_argument("--nft-guidance", type=float, default=1.0)  # NFT: CFG of the fitted velocity (1: the conditional one, DiffusionNFT's; = --guidance: the sampled policy's)
+    p.add_argument("--nft-old-decay", type=float, default=0.0)  # NFT: eta of the sampling policy's soft update old <- eta old + (1 - eta) student (0: the student; DiffusionNFT ramps to 0.5)
     p.add_argument("--train-prompts", default=None)  # comma-separated prompt files (default: by reward)
     p.add_argument("--test-prompts", default=None)  # comma-separated prompt files (default: by reward)
     p.add_argument("--dataset", default="dataset")  # folder of the default prompt files
@@ -326,7 +327,8 @@ def main(argv=None):
     args = parse_args(argv)
     args.rewards = parse_rewards(args.reward)
     nft_flags = {"--nft-beta": args.nft_beta != 1.0, "--nft-times": args.nft_times != 1,
-                 "--nft-shift": args.nft_shift is not None, "--nft-guidance": args.nft_guidance != 1.0}
+                 "--nft-shift": args.nft_shift is not None, "--nft-guidance": args.nft_guidance != 1.0,
+                 "--nft-old-decay": args.nft_old_decay != 0.0}
     if args.objective != "nft" and any(nft_flags.values()):  # they would be ignored silently
         raise ValueError(f"{', '.join(f for f, given in nft_flags.items() if given)} only apply to --objective nft; "
                          f"expected --objective nft with them, or none of them with --objective {args.objective}")
@@ -347,7 +349,10 @@ def main(argv=None):
     policy = common.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha, targets=args.lora_targets)
     if args.objective == "nft":  # the epoch's sampling policy, v_old of nft_loss
         policy.add_adapter("old", policy.peft_config["student"])
+        common.update_ema(policy, 0.0, "old")  # starts as the student
         common.freeze_all_but(policy, "student")
+        if not 0 <= args.nft_old_decay < 1:
+            raise ValueError(f"--nft-old-decay {args.nft_old_decay} is not a decay; expected 0 <= eta < 1 (0: sample with the student)")
         args.shift = args.nft_shift if args.nft_shift is not None else bundle.scheduler.config.get("shift", 3.0)  # by default shifted like the sampler's times
         if args.shift <= 0:
             raise ValueError(f"--nft-shift {args.nft_shift} is not a time shift; expected a number > 0 (1: no shift)")
@@ -366,10 +371,14 @@ def main(argv=None):
             task = list(args.rewards)[(epoch - 1) % len(args.rewards)]
             epoch_rewards = {task: 1.0}
             items = [it for it in train_items if common.route(it[0], it[1], {"geneval", "ocr"}) == task] or train_items
-        batch = sample_epoch(policy, bundle, items, epoch_rewards, args, rng, seed=args.seed * 100003 + epoch * 1009)
+        seed = args.seed * 100003 + epoch * 1009
+        if args.objective == "nft":  # DiffusionNFT samples with "old", held fixed through the epoch's updates
+            common.update_ema(policy, args.nft_old_decay, "old")
+            with common.use_adapter(policy, "old"):
+                batch = sample_epoch(policy, bundle, items, epoch_rewards, args, rng, seed)
+        else:
+            batch = sample_epoch(policy, bundle, items, epoch_rewards, args, rng, seed)
         reward, advantages, informative = advantages_of(batch, epoch_rewards, args.mix)
-        if args.objective == "nft":
-            common.update_ema(policy, 0.0, "old")  # the sampling policy, held fixed through the epoch's updates
         train = train_nft_epoch if args.objective == "nft" else train_on_epoch
         stats = train(policy, batch, advantages, informative, optimizer, args) if np.isfinite(advantages).all() else None
         finite = stats is not None and math.isfinite(stats["loss"])

@@ -154,6 +154,8 @@ def test_bad_input_is_a_clear_error(tiny_model_dir, prompt_files, tmp_path):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-shift", "-1"))
     with pytest.raises(ValueError, match="--nft-times, --nft-guidance only apply to --objective nft"):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--nft-times", "2", "--nft-guidance", "4.5"))
+    with pytest.raises(ValueError, match="--nft-old-decay 1.0 is not a decay"):
+        stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-old-decay", "1"))
     for flag in ("--train-precision", "--sample-precision", "--eval-precision"):  # autocast off on bf16 weights
         with pytest.raises(ValueError, match=f"{flag} fp32 needs fp32 base weights"):
             stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--model-dtype", "bfloat16", flag, "fp32"))
@@ -255,15 +257,22 @@ def test_nft_epoch_fits_the_velocity_of_its_guidance(tiny_model_dir, guidance):
 
 
 def test_nft_objective_samples_odes_trains_lora_and_resumes_exactly(tiny_model_dir, prompt_files, tmp_path):
-    nft = ("--objective", "nft", "--nft-times", "2", "--reward", "quality")  # continuous: groups vary
-    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "full", *nft, "--epochs", "2"))
-    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "part", *nft, "--epochs", "1"))
-    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "part", *nft, "--epochs", "2", "--resume"))
+    # quality is continuous, so groups vary; a soft-updated sampling policy must be checkpointed to resume exactly
+    nft = ("--objective", "nft", "--nft-times", "2", "--reward", "quality", "--nft-old-decay", "0.5")
+    # (from epoch 3 on: until then "old" is the fresh LoRA a restart also begins with)
+    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "full", *nft, "--epochs", "3"))
+    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "part", *nft, "--epochs", "2"))
+    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "part", *nft, "--epochs", "3", "--resume"))
     full = [json.loads(line) for line in open(tmp_path / "full" / "log.jsonl")]
     part = [json.loads(line) for line in open(tmp_path / "part" / "log.jsonl")]
     assert full[1]["updates"] > 0 and math.isfinite(full[1]["loss"]) and "ratio_min" not in full[1]
     for key in ("reward_mean", "loss", "updates", "eval"):
-        assert part[2].get(key) == full[2].get(key), key
+        assert part[3].get(key) == full[3].get(key), key
+    hard = tmp_path / "hard"  # eta 0: epoch 2 samples with the student instead of the average of both epochs' starts
+    stage1.main(tiny_args(tiny_model_dir, prompt_files, hard, *nft[:-2], "--epochs", "2", "--eval-every", "0"))
+    hard = [json.loads(line) for line in open(hard / "log.jsonl")]
+    assert hard[1]["reward_mean"] == full[1]["reward_mean"] and hard[1]["loss"] == full[1]["loss"]
+    assert hard[2]["reward_mean"] != full[2]["reward_mean"]
     from safetensors.torch import load_file
     weights = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in weights.items())  # the published EMA moved

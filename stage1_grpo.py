@@ -371,13 +371,10 @@ def main(argv=None):
             task = list(args.rewards)[(epoch - 1) % len(args.rewards)]
             epoch_rewards = {task: 1.0}
             items = [it for it in train_items if common.route(it[0], it[1], {"geneval", "ocr"}) == task] or train_items
-        seed = args.seed * 100003 + epoch * 1009
         if args.objective == "nft":  # DiffusionNFT samples with "old", held fixed through the epoch's updates
             common.update_ema(policy, args.nft_old_decay, "old")
-            with common.use_adapter(policy, "old"):
-                batch = sample_epoch(policy, bundle, items, epoch_rewards, args, rng, seed)
-        else:
-            batch = sample_epoch(policy, bundle, items, epoch_rewards, args, rng, seed)
+        with common.use_adapter(policy, "old" if args.objective == "nft" else "student"):
+            batch = sample_epoch(policy, bundle, items, epoch_rewards, args, rng, seed=args.seed * 100003 + epoch * 1009)
         reward, advantages, informative = advantages_of(batch, epoch_rewards, args.mix)
         train = train_nft_epoch if args.objective == "nft" else train_on_epoch
         stats = train(policy, batch, advantages, informative, optimizer, args) if np.isfinite(advantages).all() else None

@@ -5,9 +5,9 @@
     python stage1_grpo.py --reward quality --out runs/teacher-quality          # the MAR anchor
     python stage1_grpo.py --reward geneval=0.5,ocr=0.5 --mix sum --out runs/grpo-mix
     python stage1_grpo.py --reward geneval --objective nft --prompts-per-epoch 32 --train-batch-size 64 \
-        --nft-times 2 --lr 2e-3 --ema 0.5 --steps 6 --train-precision bf16 --epochs 50 \
-        --out runs/nft-geneval    # DiffusionNFT instead of GRPO: +0.04 to +0.20 GenEval over 3 seeds, 9 min on 2 Zen 5 cores;
-                                  # it can diverge at this lr, with --nft-guidance 4.5 as well (README)
+        --nft-times 2 --lr 3e-3 --ema 0.5 --nft-old-decay 0.5 --steps 6 --epochs 50 \
+        --out runs/nft-geneval    # DiffusionNFT instead of GRPO: +0.105 to +0.167 GenEval over 3 seeds (fp32), none
+                                  # diverging (lr 2e-3 without --nft-old-decay: +0.04 to +0.20, can diverge; README)
 
 Each epoch: M prompts x G SDE rollouts of the LoRA policy (M1), one reward per image, advantages
 with a per-prompt mean and a global std, then a PPO-clip update on every step but the last with a
@@ -332,6 +332,8 @@ def main(argv=None):
     if args.objective != "nft" and any(nft_flags.values()):  # they would be ignored silently
         raise ValueError(f"{', '.join(f for f, given in nft_flags.items() if given)} only apply to --objective nft; "
                          f"expected --objective nft with them, or none of them with --objective {args.objective}")
+    if not 0 <= args.nft_old_decay < 1:
+        raise ValueError(f"--nft-old-decay {args.nft_old_decay} is not a decay; expected 0 <= eta < 1 (0: sample with the student)")
     common.init_distributed(args)  # torchrun: one process per GPU (or CPU share), each on a shard of every batch
     common.check_divisible(args, group_size=args.group_size, train_batch_size=args.train_batch_size)
     args.local_batch_size = args.train_batch_size // args.world
@@ -351,8 +353,6 @@ def main(argv=None):
         policy.add_adapter("old", policy.peft_config["student"])
         common.update_ema(policy, 0.0, "old")  # starts as the student
         common.freeze_all_but(policy, "student")
-        if not 0 <= args.nft_old_decay < 1:
-            raise ValueError(f"--nft-old-decay {args.nft_old_decay} is not a decay; expected 0 <= eta < 1 (0: sample with the student)")
         args.shift = args.nft_shift if args.nft_shift is not None else bundle.scheduler.config.get("shift", 3.0)  # by default shifted like the sampler's times
         if args.shift <= 0:
             raise ValueError(f"--nft-shift {args.nft_shift} is not a time shift; expected a number > 0 (1: no shift)")

@@ -112,6 +112,13 @@ def nft_loss(v, v_old, target, r, beta):
     return per_dim.flatten(1).mean(1)
 
 
+def old_decay(epoch, eta, ramp_epochs):
+    """eta of DiffusionNFT's soft update old <- eta old + (1 - eta) student before this epoch: rising
+    linearly from 0 at epoch 1 to eta at epoch ramp_epochs + 1 (on-policy while the student is near the
+    base, steadier later), then held; ramp_epochs 0: eta from the start."""
+    return eta if ramp_epochs <= 0 else eta * min(1.0, (epoch - 1) / ramp_epochs)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling, scoring and the policy-gradient update
 
@@ -292,6 +299,7 @@ def parse_args(argv=None):
     p.add_argument("--nft-shift", type=float, default=None)  # NFT: time shift of its logit-normal training times (default: the sampler's; 1 = centred, more low-noise detail)
     p.add_argument("--nft-guidance", type=float, default=1.0)  # NFT: CFG of the fitted velocity (1: the conditional one, DiffusionNFT's; = --guidance: the sampled policy's)
     p.add_argument("--nft-old-decay", type=float, default=0.0)  # NFT: eta of the sampling policy's soft update old <- eta old + (1 - eta) student (0: the student; DiffusionNFT ramps to 0.5)
+    p.add_argument("--nft-old-ramp", type=int, default=0)  # NFT: epochs over which that eta rises from 0 (0: no ramp)
     p.add_argument("--train-prompts", default=None)  # comma-separated prompt files (default: by reward)
     p.add_argument("--test-prompts", default=None)  # comma-separated prompt files (default: by reward)
     p.add_argument("--dataset", default="dataset")  # folder of the default prompt files
@@ -328,12 +336,14 @@ def main(argv=None):
     args.rewards = parse_rewards(args.reward)
     nft_flags = {"--nft-beta": args.nft_beta != 1.0, "--nft-times": args.nft_times != 1,
                  "--nft-shift": args.nft_shift is not None, "--nft-guidance": args.nft_guidance != 1.0,
-                 "--nft-old-decay": args.nft_old_decay != 0.0}
+                 "--nft-old-decay": args.nft_old_decay != 0.0, "--nft-old-ramp": args.nft_old_ramp != 0}
     if args.objective != "nft" and any(nft_flags.values()):  # they would be ignored silently
         raise ValueError(f"{', '.join(f for f, given in nft_flags.items() if given)} only apply to --objective nft; "
                          f"expected --objective nft with them, or none of them with --objective {args.objective}")
     if not 0 <= args.nft_old_decay < 1:
         raise ValueError(f"--nft-old-decay {args.nft_old_decay} is not a decay; expected 0 <= eta < 1 (0: sample with the student)")
+    if args.nft_old_ramp < 0:
+        raise ValueError(f"--nft-old-ramp {args.nft_old_ramp} is not a number of epochs; expected an integer >= 0 (0: no ramp)")
     common.init_distributed(args)  # torchrun: one process per GPU (or CPU share), each on a shard of every batch
     common.check_divisible(args, group_size=args.group_size, train_batch_size=args.train_batch_size)
     args.local_batch_size = args.train_batch_size // args.world
@@ -372,7 +382,7 @@ def main(argv=None):
             epoch_rewards = {task: 1.0}
             items = [it for it in train_items if common.route(it[0], it[1], {"geneval", "ocr"}) == task] or train_items
         if args.objective == "nft":  # DiffusionNFT samples with "old", held fixed through the epoch's updates
-            common.update_ema(policy, args.nft_old_decay, "old")
+            common.update_ema(policy, old_decay(epoch, args.nft_old_decay, args.nft_old_ramp), "old")
         with common.use_adapter(policy, "old" if args.objective == "nft" else "student"):
             batch = sample_epoch(policy, bundle, items, epoch_rewards, args, rng, seed=args.seed * 100003 + epoch * 1009)
         reward, advantages, informative = advantages_of(batch, epoch_rewards, args.mix)

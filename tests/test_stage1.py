@@ -156,6 +156,8 @@ def test_bad_input_is_a_clear_error(tiny_model_dir, prompt_files, tmp_path):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--nft-times", "2", "--nft-guidance", "4.5"))
     with pytest.raises(ValueError, match="--nft-old-decay 1.0 is not a decay"):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-old-decay", "1"))
+    with pytest.raises(ValueError, match="--nft-old-ramp -2 is not a number of epochs"):
+        stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-old-ramp", "-2"))
     for flag in ("--train-precision", "--sample-precision", "--eval-precision"):  # autocast off on bf16 weights
         with pytest.raises(ValueError, match=f"{flag} fp32 needs fp32 base weights"):
             stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--model-dtype", "bfloat16", flag, "fp32"))
@@ -228,6 +230,11 @@ def test_nft_loss_gradient_minimum_and_optimality():
     np.testing.assert_allclose(stage1.optimality(np.array([-3.0, -0.5, 0.0, 0.5, 3.0])), [0, 0.25, 0.5, 0.75, 1])
 
 
+def test_old_decay_ramps_linearly_then_holds():
+    assert [stage1.old_decay(epoch, 0.5, 4) for epoch in (1, 2, 3, 5, 9)] == [0.0, 0.125, 0.25, 0.5, 0.5]
+    assert [stage1.old_decay(epoch, 0.5, 0) for epoch in (1, 2, 50)] == [0.5, 0.5, 0.5]
+
+
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_nft_epoch_fits_the_velocity_of_its_guidance(tiny_model_dir, guidance):
     """At the first update the policy is its sampling policy (v = v_old), so each sample's nft_loss is
@@ -273,6 +280,11 @@ def test_nft_objective_samples_odes_trains_lora_and_resumes_exactly(tiny_model_d
     hard = [json.loads(line) for line in open(hard / "log.jsonl")]
     assert hard[1]["reward_mean"] == full[1]["reward_mean"] and hard[1]["loss"] == full[1]["loss"]
     assert hard[2]["reward_mean"] != full[2]["reward_mean"]
+    ramp = tmp_path / "ramp"  # --nft-old-ramp 2: eta 0.25 before epoch 2, between the two runs above
+    stage1.main(tiny_args(tiny_model_dir, prompt_files, ramp, *nft, "--nft-old-ramp", "2", "--epochs", "2", "--eval-every", "0"))
+    ramp = [json.loads(line) for line in open(ramp / "log.jsonl")]
+    assert ramp[1]["reward_mean"] == full[1]["reward_mean"]
+    assert ramp[2]["reward_mean"] not in (full[2]["reward_mean"], hard[2]["reward_mean"])
     from safetensors.torch import load_file
     weights = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in weights.items())  # the published EMA moved

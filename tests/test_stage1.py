@@ -158,6 +158,8 @@ def test_bad_input_is_a_clear_error(tiny_model_dir, prompt_files, tmp_path):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-old-decay", "1"))
     with pytest.raises(ValueError, match="--nft-old-ramp -2 is not a number of epochs"):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-old-ramp", "-2"))
+    with pytest.raises(ValueError, match="--nft-old-ramp 5 ramps --nft-old-decay, which is 0"):
+        stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-old-ramp", "5"))
     for flag in ("--train-precision", "--sample-precision", "--eval-precision"):  # autocast off on bf16 weights
         with pytest.raises(ValueError, match=f"{flag} fp32 needs fp32 base weights"):
             stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--model-dtype", "bfloat16", flag, "fp32"))

@@ -6,8 +6,7 @@
     python stage1_grpo.py --reward geneval=0.5,ocr=0.5 --mix sum --out runs/grpo-mix
     python stage1_grpo.py --reward geneval --objective nft --prompts-per-epoch 32 --train-batch-size 64 \
         --nft-times 2 --lr 3e-3 --ema 0.5 --nft-old-decay 0.5 --nft-old-ramp 20 --steps 6 --epochs 50 \
-        --out runs/nft-geneval    # DiffusionNFT instead of GRPO: +0.136, +0.178 GenEval over 2 seeds (fp32; without
-                                  # the ramp +0.105 to +0.167 over 3), none diverging (without the soft update: can; README)
+        --out runs/nft-geneval    # DiffusionNFT, not GRPO: GenEval +0.136, +0.178 over 2 seeds, none diverging (README)
 
 Each epoch: M prompts x G SDE rollouts of the LoRA policy (M1), one reward per image, advantages
 with a per-prompt mean and a global std, then a PPO-clip update on every step but the last with a
@@ -113,9 +112,8 @@ def nft_loss(v, v_old, target, r, beta):
 
 
 def old_decay(epoch, eta, ramp_epochs):
-    """eta of DiffusionNFT's soft update old <- eta old + (1 - eta) student before this epoch: rising
-    linearly from 0 at epoch 1 to eta at epoch ramp_epochs + 1 (on-policy while the student is near the
-    base, steadier later), then held; ramp_epochs 0: eta from the start."""
+    """eta of DiffusionNFT's soft update old <- eta old + (1 - eta) student before this epoch: 0 at epoch 1,
+    linearly up to eta at epoch ramp_epochs + 1 (on-policy early, steadier later), then held; ramp 0: eta."""
     return eta if ramp_epochs <= 0 else eta * min(1.0, (epoch - 1) / ramp_epochs)
 
 
@@ -212,10 +210,8 @@ def train_on_epoch(policy, batch, advantages, informative, optimizer, args):
             clipped = ((ratio - 1).abs() > args.clip_range).float().mean()
             sums += torch.stack([loss.detach(), kl.detach(), clipped]) * share
             ratio_min, ratio_max = torch.minimum(ratio_min, ratio.detach().min()), torch.maximum(ratio_max, ratio.detach().max())
-        sums = common.all_reduce(sums, args).tolist()
-        stats["loss"] += sums[0]
-        stats["kl"] += sums[1]
-        stats["clip_frac"] += sums[2]
+        for key, value in zip(("loss", "kl", "clip_frac"), common.all_reduce(sums, args).tolist()):
+            stats[key] += value
         stats["ratio_min"] = min(stats["ratio_min"], common.all_reduce(ratio_min, args, "min").item())
         stats["ratio_max"] = max(stats["ratio_max"], common.all_reduce(ratio_max, args, "max").item())
         if not math.isfinite(stats["loss"]):
@@ -243,12 +239,10 @@ def chunks(advantages, informative, args):
 
 
 def train_nft_epoch(policy, batch, advantages, informative, optimizer, args):
-    """DiffusionNFT instead of the policy gradient (--objective nft): the epoch's final images are
-    noised by the forward process at shifted logit-normal times and fitted with nft_loss, the
-    conditional velocity of the policy against that of the epoch's sampling policy (adapter "old",
-    fixed during the epoch), or with --nft-guidance w the CFG velocity, which is what the rollouts
-    followed when w = --guidance; zero-variance groups are skipped. No likelihoods: every trajectory gives
-    a regression target, not a 3072-dimensional noise to correlate with the reward (README)."""
+    """DiffusionNFT instead of the policy gradient (--objective nft): the epoch's final images, noised at
+    shifted logit-normal times, fitted with nft_loss: the policy's conditional velocity (or, with --nft-guidance
+    w, the CFG one the rollouts followed when w = --guidance) against that of the epoch's fixed sampling
+    policy, adapter "old"; zero-variance groups skipped. No likelihoods: a regression target per trajectory."""
     x0, device = batch["states"][:, -1], batch["states"].device
     stats = {"loss": 0.0, "updates": 0}
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -279,12 +273,14 @@ def train_nft_epoch(policy, batch, advantages, informative, optimizer, args):
 # ----------------------------------------------------------------------------------------------
 
 
-def default_prompt_files(rewards, dataset):
-    """The train/test prompt files of the tasks the rewards judge (quality judges every prompt)."""
-    tasks = [t for t in common.DEFAULT_PROMPT_FILES if t in rewards] or list(common.DEFAULT_PROMPT_FILES)
-    if not os.path.isdir(dataset) and dataset == "dataset":
-        toy.write_prompt_files(dataset)  # the miniature world's prompt files, made on first use
-    return [[os.path.join(dataset, common.DEFAULT_PROMPT_FILES[t][split]) for t in tasks] for split in ("train", "test")]
+def prompt_files(args):
+    """The train and test prompt files: --train-prompts / --test-prompts, else those of the tasks the
+    rewards judge (quality judges every prompt)."""
+    tasks = [t for t in common.DEFAULT_PROMPT_FILES if t in args.rewards] or list(common.DEFAULT_PROMPT_FILES)
+    if not os.path.isdir(args.dataset) and args.dataset == "dataset":
+        toy.write_prompt_files(args.dataset)  # the miniature world's prompt files, made on first use
+    return [given.split(",") if given else [os.path.join(args.dataset, common.DEFAULT_PROMPT_FILES[t][split]) for t in tasks]
+            for given, split in ((args.train_prompts, "train"), (args.test_prompts, "test"))]
 
 
 def parse_args(argv=None):
@@ -334,12 +330,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     args.rewards = parse_rewards(args.reward)
-    nft_flags = {"--nft-beta": args.nft_beta != 1.0, "--nft-times": args.nft_times != 1,
-                 "--nft-shift": args.nft_shift is not None, "--nft-guidance": args.nft_guidance != 1.0,
-                 "--nft-old-decay": args.nft_old_decay != 0.0, "--nft-old-ramp": args.nft_old_ramp != 0}
+    nft_flags = {"--nft-beta": args.nft_beta != 1.0, "--nft-times": args.nft_times != 1, "--nft-shift": args.nft_shift is not None,
+                 "--nft-guidance": args.nft_guidance != 1.0, "--nft-old-decay": args.nft_old_decay != 0.0, "--nft-old-ramp": args.nft_old_ramp != 0}
     if args.objective != "nft" and any(nft_flags.values()):  # they would be ignored silently
         raise ValueError(f"{', '.join(f for f, given in nft_flags.items() if given)} only apply to --objective nft; "
                          f"expected --objective nft with them, or none of them with --objective {args.objective}")
+    if args.nft_shift is not None and args.nft_shift <= 0:
+        raise ValueError(f"--nft-shift {args.nft_shift} is not a time shift; expected a number > 0 (1: no shift)")
     if not 0 <= args.nft_old_decay < 1:
         raise ValueError(f"--nft-old-decay {args.nft_old_decay} is not a decay; expected 0 <= eta < 1 (0: sample with the student)")
     if args.nft_old_ramp < 0:
@@ -354,9 +351,7 @@ def main(argv=None):
     bundle = common.load_model_from_args(args)
     args.score, args.eval_rewards = rewards.from_args(args, bundle)
     common.sampling_defaults(args, bundle)
-    train_files, test_files = default_prompt_files(args.rewards, args.dataset)
-    train_files = args.train_prompts.split(",") if args.train_prompts else train_files
-    test_files = args.test_prompts.split(",") if args.test_prompts else test_files
+    train_files, test_files = prompt_files(args)
     train_items = [item for f in train_files for item in common.load_prompts(f)]
     test_items = [item for f in test_files for item in common.load_prompts(f)]
 
@@ -366,8 +361,6 @@ def main(argv=None):
         common.update_ema(policy, 0.0, "old")  # starts as the student
         common.freeze_all_but(policy, "student")
         args.shift = args.nft_shift if args.nft_shift is not None else bundle.scheduler.config.get("shift", 3.0)  # by default shifted like the sampler's times
-        if args.shift <= 0:
-            raise ValueError(f"--nft-shift {args.nft_shift} is not a time shift; expected a number > 0 (1: no shift)")
         args.nft_negative = bundle.encode([""]) if args.nft_guidance != 1 else None
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
     def evaluate(png):

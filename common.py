@@ -664,7 +664,7 @@ def sampling_defaults(args, bundle):
     args.guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
     args.eval_guidance = args.eval_guidance if args.eval_guidance is not None else bundle.defaults["guidance_scale"]
     args.eval_steps = args.eval_steps or bundle.defaults["eval_steps"]
-    args.negative = bundle.encode([""]) if args.guidance != 1 else None
+    args.negative = bundle.encode([""])  # CFG's empty prompt, also for --nft-guidance when sampling is unguided
 
 
 def epoch_list(text):

@@ -6,7 +6,7 @@
     python stage1_grpo.py --reward geneval=0.5,ocr=0.5 --mix sum --out runs/grpo-mix
     python stage1_grpo.py --reward geneval --objective nft --prompts-per-epoch 32 --train-batch-size 64 \
         --nft-times 2 --lr 3e-3 --ema 0.5 --nft-old-decay 0.5 --nft-old-ramp 20 --steps 6 --epochs 50 \
-        --out runs/nft-geneval    # DiffusionNFT, not GRPO: GenEval +0.136, +0.178 over 2 seeds, none diverging (README)
+        --out runs/nft-geneval    # DiffusionNFT, not GRPO: GenEval +0.136, +0.178, +0.136 over 3 seeds (README)
 
 Each epoch: M prompts x G SDE rollouts of the LoRA policy (M1), one reward per image, advantages
 with a per-prompt mean and a global std, then a PPO-clip update on every step but the last with a
@@ -255,9 +255,9 @@ def train_nft_epoch(policy, batch, advantages, informative, optimizer, args):
             embeds, pooled = batch["embeds"][idx], batch["pooled"][idx]
             optimizer.zero_grad(set_to_none=True)
             with common.autocast(device, args.train_bf16):
-                v = common.velocity(policy, x_sigma, sigma, embeds, pooled, args.nft_guidance, args.nft_negative)
+                v = common.velocity(policy, x_sigma, sigma, embeds, pooled, args.nft_guidance, args.negative)
                 with torch.no_grad(), common.use_adapter(policy, "old"):
-                    v_old = common.velocity(policy, x_sigma, sigma, embeds, pooled, args.nft_guidance, args.nft_negative)
+                    v_old = common.velocity(policy, x_sigma, sigma, embeds, pooled, args.nft_guidance, args.negative)
             loss = nft_loss(v, v_old, noise - x0[idx], r, args.nft_beta).sum() / count
             loss.backward()
             stats["loss"] += common.all_reduce(loss.detach().reshape(1), args).item()
@@ -361,7 +361,6 @@ def main(argv=None):
         common.update_ema(policy, 0.0, "old")  # starts as the student
         common.freeze_all_but(policy, "student")
         args.shift = args.nft_shift if args.nft_shift is not None else bundle.scheduler.config.get("shift", 3.0)  # by default shifted like the sampler's times
-        args.nft_negative = bundle.encode([""]) if args.nft_guidance != 1 else None
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
     def evaluate(png):
         return evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance, png,

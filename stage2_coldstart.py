@@ -100,7 +100,7 @@ def teacher_samples(bundle, model, teachers, items_by_task, per_task, steps, gui
     with seed seed + i; under torchrun each process samples its shard and all get every sample).
     Returns (final latents (K * per_task, C, h, w), their prompts)."""
     latents, prompts = [], []
-    negative = bundle.encode([""]) if guidance != 1 else None
+    negative = bundle.encode([""])
     sigmas = common.sampling_sigmas(bundle.scheduler, steps)
     shape = bundle.latent_shape(bundle.resolution)
     for task in teachers:
@@ -127,7 +127,7 @@ def best_of_n_samples(bundle, model, items, reward, n, steps, guidance, seed, sc
     by `reward` ("task": the reward of the prompt's own task), and the best kept (under torchrun each
     process samples and scores its shard of the candidates). Returns (final latents (P, C, h, w),
     prompts, best rewards, mean rewards)."""
-    negative = bundle.encode([""]) if guidance != 1 else None
+    negative = bundle.encode([""])
     sigmas = common.sampling_sigmas(bundle.scheduler, steps)
     shape = bundle.latent_shape(bundle.resolution)
     names = ("geneval", "ocr") if reward == "task" else (reward,)

@@ -518,7 +518,7 @@ def sample_images(bundle, prompts, seeds, num_steps, guidance_scale, noise_level
     import torch
     from common import autocast, bf16_is_fast, rollout, sampling_sigmas
     sigmas = sampling_sigmas(bundle.scheduler, num_steps)
-    negative = bundle.encode([""]) if guidance_scale != 1 else None
+    negative = bundle.encode([""])
     images = []
     for i in range(0, len(prompts), batch_size):
         embeds, pooled = bundle.encode(prompts[i:i + batch_size])

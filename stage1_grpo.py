@@ -8,11 +8,11 @@
         --nft-times 2 --lr 3e-3 --ema 0.5 --nft-old-decay 0.5 --nft-old-ramp 20 --steps 6 --epochs 50 \
         --out runs/nft-geneval    # DiffusionNFT, not GRPO: GenEval +0.136, +0.178, +0.136 over 3 seeds (README)
 
-Each epoch: M prompts x G SDE rollouts of the LoRA policy (M1), one reward per image, advantages
-with a per-prompt mean and a global std, then a PPO-clip update on every step but the last with a
-KL to the base model (the adapter disabled); or, with --objective nft, DiffusionNFT's flow-matching
-loss on the epoch's images weighted by the same advantages (README). Defaults train a miniature teacher in minutes on a
-2-core CPU; the paper's SD3.5-M settings are given next to each flag.
+Each epoch: M prompts x G SDE rollouts of the LoRA policy (M1), one reward per image, advantages with a
+per-prompt mean and a global std, then a PPO-clip update on every step but the last with a KL to the base
+model (the adapter disabled); or, with --objective nft, DiffusionNFT's flow-matching loss on the epoch's
+images weighted by the same advantages (README). Defaults train a miniature teacher in minutes on a 2-core
+CPU; the paper's SD3.5-M settings are given next to each flag.
 """
 import argparse
 import math
@@ -87,9 +87,8 @@ def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range):
     """mean_i max(-A_i rho_i, -A_i clip(rho_i, 1-eps, 1+eps)), rho = exp(log pi - log pi_old)   (M2).
     Returns (loss, ratio)."""
     ratio = torch.exp(log_prob - old_log_prob)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    return torch.maximum(unclipped, clipped).mean(), ratio
+    clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    return torch.maximum(-advantages * ratio, -advantages * clipped).mean(), ratio
 
 
 def optimality(advantages):
@@ -167,10 +166,9 @@ def sample_epoch(policy, bundle, items, rewards, args, rng, seed):
 
 def advantages_of(batch, rewards, mix):
     """(per-trajectory reward, advantage, informative mask) under the reward mixing rule (M2)."""
-    if mix == "advantage":
-        advantages, informative = mixed_advantages(batch["scores"], rewards, batch["groups"])
-        return combine_rewards(batch["scores"], rewards), advantages, informative
     reward = combine_rewards(batch["scores"], rewards)
+    if mix == "advantage":
+        return (reward, *mixed_advantages(batch["scores"], rewards, batch["groups"]))
     return (reward, *group_advantages(reward, batch["groups"]))
 
 
@@ -239,10 +237,9 @@ def chunks(advantages, informative, args):
 
 
 def train_nft_epoch(policy, batch, advantages, informative, optimizer, args):
-    """DiffusionNFT instead of the policy gradient (--objective nft): the epoch's final images, noised at
-    shifted logit-normal times, fitted with nft_loss: the policy's conditional velocity (or, with --nft-guidance
-    w, the CFG one the rollouts followed when w = --guidance) against that of the epoch's fixed sampling
-    policy, adapter "old"; zero-variance groups skipped. No likelihoods: a regression target per trajectory."""
+    """DiffusionNFT (--objective nft): the epoch's final images, noised at shifted logit-normal times, fitted with
+    nft_loss: the policy's conditional velocity (with --nft-guidance w, the CFG one) against that of the epoch's
+    fixed sampling policy, adapter "old"; zero-variance groups skipped. No likelihoods: a regression per trajectory."""
     x0, device = batch["states"][:, -1], batch["states"].device
     stats = {"loss": 0.0, "updates": 0}
     params = [p for p in policy.parameters() if p.requires_grad]

@@ -287,12 +287,12 @@ def parse_args(argv=None):
     p.add_argument("--reward", default="geneval")  # one reward = a teacher; name=w,name=w = GRPO-Mix
     p.add_argument("--mix", choices=["sum", "advantage", "alternate"], default="sum")  # GRPO-Mix rule
     p.add_argument("--objective", choices=["grpo", "nft"], default="grpo")  # Flow-GRPO (paper), or DiffusionNFT on the same rewards and advantages
-    p.add_argument("--nft-beta", type=float, default=1.0)  # NFT: step of the implicit positive/negative policies
-    p.add_argument("--nft-times", type=int, default=1)  # NFT: noise levels per image per epoch (one update chunk each)
-    p.add_argument("--nft-shift", type=float, default=None)  # NFT: time shift of its logit-normal training times (default: the sampler's; 1 = centred, more low-noise detail)
-    p.add_argument("--nft-guidance", type=float, default=1.0)  # NFT: CFG of the fitted velocity (1: the conditional one, DiffusionNFT's; = --guidance: the sampled policy's)
-    p.add_argument("--nft-old-decay", type=float, default=0.0)  # NFT: eta of the sampling policy's soft update old <- eta old + (1 - eta) student (0: the student; DiffusionNFT ramps to 0.5)
-    p.add_argument("--nft-old-ramp", type=int, default=0)  # NFT: epochs over which that eta rises from 0 (0: no ramp)
+    p.add_argument("--nft-beta", type=float)  # NFT: step of the implicit positive/negative policies (default 1)
+    p.add_argument("--nft-times", type=int)  # NFT: noise levels per image per epoch, one update chunk each (default 1)
+    p.add_argument("--nft-shift", type=float)  # NFT: time shift of its logit-normal training times (default: the sampler's; 1 = centred, more low-noise detail)
+    p.add_argument("--nft-guidance", type=float)  # NFT: CFG of the fitted velocity (default 1: the conditional one, DiffusionNFT's; = --guidance: the sampled policy's)
+    p.add_argument("--nft-old-decay", type=float)  # NFT: eta of the sampling policy's soft update old <- eta old + (1 - eta) student (default 0: the student; DiffusionNFT ramps to 0.5)
+    p.add_argument("--nft-old-ramp", type=int)  # NFT: epochs over which that eta rises from 0 (default 0: no ramp)
     p.add_argument("--train-prompts", default=None)  # comma-separated prompt files (default: by reward)
     p.add_argument("--test-prompts", default=None)  # comma-separated prompt files (default: by reward)
     p.add_argument("--dataset", default="dataset")  # folder of the default prompt files
@@ -327,11 +327,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     args.rewards = parse_rewards(args.reward)
-    nft_flags = {"--nft-beta": args.nft_beta != 1.0, "--nft-times": args.nft_times != 1, "--nft-shift": args.nft_shift is not None,
-                 "--nft-guidance": args.nft_guidance != 1.0, "--nft-old-decay": args.nft_old_decay != 0.0, "--nft-old-ramp": args.nft_old_ramp != 0}
-    if args.objective != "nft" and any(nft_flags.values()):  # they would be ignored silently
-        raise ValueError(f"{', '.join(f for f, given in nft_flags.items() if given)} only apply to --objective nft; "
-                         f"expected --objective nft with them, or none of them with --objective {args.objective}")
+    nft_defaults = {"nft_beta": 1.0, "nft_times": 1, "nft_shift": None, "nft_guidance": 1.0, "nft_old_decay": 0.0, "nft_old_ramp": 0}
+    nft_flags = [f"--{name.replace('_', '-')}" for name in nft_defaults if getattr(args, name) is not None]
+    if args.objective != "nft" and nft_flags:  # given with GRPO, even at their defaults, they would be ignored silently
+        raise ValueError(f"{', '.join(nft_flags)} only apply to --objective nft; expected --objective nft with them, or none of them with --objective {args.objective}")
+    vars(args).update({name: default for name, default in nft_defaults.items() if getattr(args, name) is None})
     if args.nft_shift is not None and args.nft_shift <= 0:
         raise ValueError(f"--nft-shift {args.nft_shift} is not a time shift; expected a number > 0 (1: no shift)")
     if not 0 <= args.nft_old_decay < 1:

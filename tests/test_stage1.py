@@ -154,6 +154,8 @@ def test_bad_input_is_a_clear_error(tiny_model_dir, prompt_files, tmp_path):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-shift", "-1"))
     with pytest.raises(ValueError, match="--nft-times, --nft-guidance only apply to --objective nft"):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--nft-times", "2", "--nft-guidance", "4.5"))
+    with pytest.raises(ValueError, match="--nft-beta only apply to --objective nft"):  # even at its default value
+        stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--nft-beta", "1.0"))
     with pytest.raises(ValueError, match="--nft-old-decay 1.0 is not a decay"):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-old-decay", "1"))
     with pytest.raises(ValueError, match="--nft-old-ramp -2 is not a number of epochs"):

@@ -305,7 +305,7 @@ def test_eval_samples_per_prompt_repeats_prompts_with_new_seeds(tiny_model_dir, 
         evaluate.main([*common_args, "--seed", str(seed), "--out", str(tmp_path / f"s{seed}")])
         singles.append(json.load(open(tmp_path / f"s{seed}" / "eval.json"))[0])
     assert len({s["quality"] for s in singles}) == 3  # the seeds give different images
-    for key in ("quality", "geneval"):
-        assert three[key] == pytest.approx(np.mean([s[key] for s in singles]), abs=1e-9), key
+    for key in ("quality", "geneval"):  # equal up to float32 rounding: AVX-512 kernels round a batch of 12 and of 4 differently
+        assert three[key] == pytest.approx(np.mean([s[key] for s in singles]), abs=1e-6), key
     with pytest.raises(ValueError, match="--samples-per-prompt 0"):
         evaluate.main([*common_args, "--samples-per-prompt", "0", "--out", str(tmp_path / "k0")])

@@ -29,6 +29,9 @@ import time
 import torch
 
 import common
+import eval as evaluation
+import toy_world
+import training
 
 RESULTS = "BENCHMARKS.json"
 SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
@@ -151,7 +154,7 @@ def sd35m_worker(layout, resolution, checkpointing, prompts=1, device="cpu"):
     cuda = device.startswith("cuda")
     steps = 5 if cuda else 2
     start = time.time()
-    policy = common.make_policy(build_sd35m(device), 32, 64, targets=common.FLOW_GRPO_LORA_TARGETS).to(device)
+    policy = training.make_policy(build_sd35m(device), 32, 64, targets=common.FLOW_GRPO_LORA_TARGETS).to(device)
     if checkpointing:
         policy.get_base_model().enable_gradient_checkpointing()
     if layout == "adapters":  # Flow-OPD here: 2 teachers + the anchor as adapters on the student's base
@@ -225,11 +228,11 @@ def loop_efficiency(stage_main, argv):
                 clock["excluding"] = False
         return wrapper
     originals = (SD3Transformer2DModel.forward, torch.autograd.backward, evaluation.evaluate_policy,
-                 common.load_model_from_args, common.save_adapter)
+                 training.load_model_from_args, common.save_adapter)
     SD3Transformer2DModel.forward = timed(originals[0], "model")
     torch.autograd.backward = timed(originals[1], "model")
     evaluation.evaluate_policy = timed(originals[2], "excluded")
-    common.load_model_from_args = timed(originals[3], "excluded")
+    training.load_model_from_args = timed(originals[3], "excluded")
     common.save_adapter = timed(originals[4], "excluded")
     try:
         start = time.perf_counter()
@@ -237,7 +240,7 @@ def loop_efficiency(stage_main, argv):
         total = time.perf_counter() - start
     finally:
         (SD3Transformer2DModel.forward, torch.autograd.backward, evaluation.evaluate_policy,
-         common.load_model_from_args, common.save_adapter) = originals
+         training.load_model_from_args, common.save_adapter) = originals
     loop = total - clock["excluded"]
     return clock["model"] / loop, loop, samples
 
@@ -246,8 +249,8 @@ def miniature_flops_per_sample():
     """FLOPs of one sample through the miniature transformer with a LoRA (its text tokens included):
     (no-grad forward, forward + backward to the LoRA weights), counted by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
-    bundle = common.load_model("miniature/base")
-    policy = common.make_policy(bundle.transformer, 32, 64, targets=bundle.defaults["lora_targets"])
+    bundle = training.load_model("miniature/base")
+    policy = training.make_policy(bundle.transformer, 32, 64, targets=bundle.defaults["lora_targets"])
     x, (embeds, pooled) = torch.randn(8, *bundle.latent_shape(bundle.resolution)), bundle.encode(["a red circle"] * 8)
     counts = []
     for grad in (False, True):
@@ -285,8 +288,8 @@ def loops(results, out="runs/bench-loops"):
 def modes(results, batch=16, repeats=5):
     """Seconds of one miniature training pass (student LoRA forward + backward, batch 16, CFG 4.5) and of one
     no-grad forward, for eager fp32, eager bf16 autocast, compiled fp32 and compiled bf16 autocast."""
-    bundle = common.load_model("miniature/base")
-    policy = common.make_policy(bundle.transformer, 32, 64, targets=bundle.defaults["lora_targets"])
+    bundle = training.load_model("miniature/base")
+    policy = training.make_policy(bundle.transformer, 32, 64, targets=bundle.defaults["lora_targets"])
     shape = bundle.latent_shape(bundle.resolution)
     x = torch.randn(batch, *shape)
     embeds, pooled = bundle.encode(["a photo of a red circle"] * batch)
@@ -318,13 +321,12 @@ def sampler(results, prompts=64, steps=20):
     """Images per second of the miniature eval sampler (deterministic ODE, 20 steps, CFG 4.5, batch 64):
     in fp32 (eval.py's default on fp32 weights), and in bf16 autocast where bf16 is native (the
     default of the stages' rollouts there)."""
-    import toy
-    bundle = common.load_model("miniature/base")
-    items = toy.test_items()[:prompts]
+    bundle = training.load_model("miniature/base")
+    items = toy_world.test_items()[:prompts]
     for bf16 in (False, True) if common.bf16_is_fast() else (False,):
-        toy.sample_images(bundle, [p for p, _ in items[:4]], list(range(4)), 2, 4.5, bf16=bf16)  # warm-up
+        evaluation.sample_images(bundle, [p for p, _ in items[:4]], list(range(4)), 2, 4.5, bf16=bf16)  # warm-up
         start = time.perf_counter()
-        toy.sample_images(bundle, [p for p, _ in items], list(range(prompts)), steps, 4.5, bf16=bf16)
+        evaluation.sample_images(bundle, [p for p, _ in items], list(range(prompts)), steps, 4.5, bf16=bf16)
         results["sampler_images_per_second" + ("_bf16" if bf16 else "")] = prompts / (time.perf_counter() - start)
     results.pop("sampler_bf16", None)  # replaced by the two keys
 
@@ -345,8 +347,8 @@ def overheads(results, batch=16):
     guidance 1 vs a doubled CFG batch; a per-step .item() host sync vs accumulating on the device;
     encoding the epoch's prompts once vs at every step."""
     import stage3_opd
-    bundle = common.load_model("miniature/base")
-    policy = common.make_policy(bundle.transformer, 32, 64, targets=bundle.defaults["lora_targets"])
+    bundle = training.load_model("miniature/base")
+    policy = training.make_policy(bundle.transformer, 32, 64, targets=bundle.defaults["lora_targets"])
     adapters = "results/adapters"
     teacher_of, anchor = stage3_opd.load_guides(policy, {"geneval": f"{adapters}/teacher-geneval",
                                                          "ocr": f"{adapters}/teacher-ocr"}, f"{adapters}/teacher-quality")

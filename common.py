@@ -1,14 +1,28 @@
-"""The one shared module of flow-opd: model loading, the SDE sampler, the per-step KL, the router,
-LoRA adapters on one base model, and small I/O helpers. Equation numbers (M1, M3, ...) refer to
-METHOD.md (kept in the project's shared notes and summarised in README.md).
+"""The one module the stages share: the method first, in the paper's order, then the models and LoRA
+adapters it runs on. Equation numbers (M1, M3, ...) refer to METHOD.md (the project's shared notes).
+
+Contents
+  The method
+    velocity              v with optional classifier-free guidance (METHOD.md §0)
+    sampling_sigmas       the sampler's sigmas 1 = sigma_0 > ... > sigma_N = 0, time-shifted (§0)
+    sde_step              one Flow-GRPO SDE step and its log-probability (M1)
+    step_kl               the closed-form KL between two Gaussian steps: a weighted L2 of velocities (M3)
+    rollout               whole SDE trajectories, one seed per sample (M1)
+    route                 the hard router R(c): a prompt's task, hence its teacher (§4)
+    flow_matching_loss    the rectified-flow loss of SFT and NFT (§0, M6)
+  Models and adapters
+    ModelBundle, load_sd3 the real model (a diffusers SD3 pipeline folder or hub id)
+    add_lora ... save_adapter   a trainable student and frozen teachers as LoRA adapters on ONE base (peft)
+    UserError, atomic_write_dir the error a bad input raises; all-or-nothing writes
 
 Conventions (diffusers' SD3): sigma = 1 is noise, sigma = 0 is data, x_sigma = (1-sigma) x0 + sigma eps,
 the model predicts the velocity eps - x0 and is fed timestep = 1000 sigma. Log-probabilities are
 AVERAGED over dimensions (the released Flow-GRPO convention, to which its PPO clip range is
 calibrated); the KL has both weightings (M3).
+
+velocity, sde_step (with sde_std and _as_batch), step_kl and route use only torch and the standard
+library: they can be copied into another codebase as they are. This module imports nothing of the project.
 """
-import argparse
-import atexit
 import contextlib
 import dataclasses
 import json
@@ -21,204 +35,12 @@ from typing import Callable
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers warns about torchvision on import
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no per-shard bars for megabyte models
-import numpy as np
 import torch
-from PIL import Image
-
-# ----------------------------------------------------------------------------------------------
-# Model bundle: one loader for the real SD3 pipeline folder and the miniature model folder
 
 
-@dataclasses.dataclass
-class ModelBundle:
-    transformer: torch.nn.Module        # SD3Transformer2DModel: velocity v(x, 1000 sigma, text)
-    scheduler: object                   # FlowMatchEulerDiscreteScheduler: gives the sigmas
-    encode: Callable                    # list[str] -> (embeds (B, T, D), pooled (B, P)), no grad
-    decode: Callable                    # latents -> images (B, 3, H, W) in [0, 1], no grad
-    latent_shape: Callable              # resolution (px) -> (C, h, w)
-    resolution: int                     # the model's native resolution in pixels
-    kind: str                           # "miniature" or "sd3"
-    path: str
-    defaults: dict = dataclasses.field(default_factory=lambda: {"eval_steps": 40, "guidance_scale": 4.5,  # paper's
-                                                                "lora_targets": FLOW_GRPO_LORA_TARGETS})
-
-
-# The published Flow-GRPO teachers' LoRA layout (r 32, alpha 64, Gaussian init) on SD3's joint attention
-FLOW_GRPO_LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
-                          "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
-MINIATURE_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # what the miniature results were trained with
-
-
-def add_model_arguments(p):
-    """The flags every stage and eval.py share to choose and place the base model."""
-    p.add_argument("--model", default="miniature/base")  # miniature folder, SD3 pipeline folder or hub id (paper: stabilityai/stable-diffusion-3.5-medium)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")  # where everything runs
-    p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default=None)  # frozen base weights (default: bf16 on GPU, fp32 on CPU); LoRA stays fp32
-    p.add_argument("--no-t5", action="store_true")  # SD3: leave T5-XXL out (9 GiB less; only the CLIP encoders read prompts)
-    p.add_argument("--gradient-checkpointing", action="store_true")  # recompute transformer blocks in backward: less memory, ~1.3x time
-    p.add_argument("--resolution", type=int, default=None)  # image side in pixels (default: the model's; paper: 512)
-    p.add_argument("--lora-targets", default=None)  # comma-separated LoRA modules of a new adapter (default: the model's; SD3: Flow-GRPO's 8)
-    p.add_argument("--train-precision", choices=["bf16", "fp32"], default=None)  # passes with gradients: bf16 autocast or fp32 (default: bf16 with bf16 weights; fp32 with fp32 weights: bf16 autocast was 1.5x slower on one CPU, 1.07x faster on another, README "Speed")
-    p.add_argument("--sample-precision", choices=["bf16", "fp32"], default=None)  # no-grad passes: rollouts, SFT samples (Stage 3's teacher/anchor velocities follow --train-precision); default bf16 on bf16 weights or where it is fast (common.bf16_is_fast), else fp32
-    p.add_argument("--eval-precision", choices=["bf16", "fp32"], default=None)  # test evaluations (eval.py, in-training); default fp32 with fp32 weights: the same adapter scores the same on every CPU
-    p.add_argument("--compile", action="store_true")  # torch.compile the transformer (worth it on GPU; on a 2-core CPU its compile time exceeds its gain at miniature budgets, BENCHMARKS.md)
-
-
-def load_model_from_args(args):
-    """load_model with the flags of add_model_arguments; fills args.resolution and args.lora_targets."""
-    dtype = args.model_dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
-    bundle = load_model(args.model, args.device, getattr(torch, dtype), text_encoder_3=not args.no_t5)
-    if args.gradient_checkpointing:
-        bundle.transformer.enable_gradient_checkpointing()
-    if args.resolution is not None:
-        factor = bundle.resolution // bundle.latent_shape(bundle.resolution)[-1]
-        patch = bundle.transformer.config.patch_size * factor
-        if args.resolution <= 0 or args.resolution % patch:
-            raise ValueError(f"--resolution {args.resolution} is not a positive multiple of {patch} (VAE factor "
-                             f"{factor} x patch size); expected e.g. {bundle.resolution}")
-        bundle = dataclasses.replace(bundle, resolution=args.resolution)
-    args.resolution = bundle.resolution
-    args.lora_targets = tuple(args.lora_targets.split(",")) if args.lora_targets else bundle.defaults["lora_targets"]
-    for flag in ("train_precision", "sample_precision", "eval_precision"):  # autocast off on bf16 weights = a dtype clash
-        if getattr(args, flag) == "fp32" and dtype == "bfloat16":
-            raise ValueError(f"--{flag.replace('_', '-')} fp32 needs fp32 base weights (the weights are bf16, the "
-                             f"default on {args.device}); expected --model-dtype float32 with it")
-    args.train_bf16 = (args.train_precision or ("bf16" if dtype == "bfloat16" else "fp32")) == "bf16"
-    args.sample_bf16 = (args.sample_precision or ("bf16" if dtype == "bfloat16" or bf16_is_fast(args.device) else "fp32")) == "bf16"
-    args.eval_bf16 = (args.eval_precision or ("bf16" if dtype == "bfloat16" else "fp32")) == "bf16"
-    if args.compile:
-        bundle.transformer.compile()  # in place: LoRA layers added later are traced too; one graph per adapter state
-    return bundle
-
-
-def bf16_is_fast(device="cpu"):
-    """Whether bf16 matmuls run natively: on a GPU, or a CPU with AVX512-BF16/AMX. Elsewhere oneDNN emulates
-    them, ~100x slower than fp32 (measured on a 2-core AVX2 EPYC: 0.9 against 111 GFLOP/s), so every
-    default that picks bf16 for speed asks this first."""
-    if torch.device(device).type != "cpu":
-        return True
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def autocast(device, bf16):
-    """bf16 autocast on `device` (a torch.device or tensor's device) when `bf16`, else full precision."""
-    return torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16)
-
-
-def load_model(path_or_id, device="cpu", dtype=torch.float32, text_encoder_3=True):
-    """A ModelBundle from a diffusers StableDiffusion3Pipeline folder or hub id (T5 may be absent),
-    or from a miniature model folder (made by `toy.py pretrain`)."""
-    path = str(path_or_id)
-    if os.path.isfile(os.path.join(path, "miniature.json")):
-        return load_miniature(path, device, dtype)
-    if os.path.isfile(os.path.join(path, "model_index.json")) or (not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path)):
-        return load_sd3(path, device, dtype, text_encoder_3)
-    raise ValueError(f"cannot load model {path!r}: expected a miniature model folder (with miniature.json), "
-                     f"a diffusers StableDiffusion3Pipeline folder (with model_index.json) or a hub id like "
-                     f"'stabilityai/stable-diffusion-3.5-medium'")
-
-
-def load_miniature(folder, device="cpu", dtype=torch.float32):
-    """The miniature model: pixel-space SD3 transformer, tiny CLIP text encoder, exact decoder."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerFast
-    with open(os.path.join(folder, "miniature.json")) as f:
-        config = json.load(f)
-    transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype).to(device)
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(os.path.join(folder, "text_encoder"), dtype=dtype).to(device)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(folder, "tokenizer"))
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
-    transformer.eval().requires_grad_(False)
-    text_encoder.eval().requires_grad_(False)
-    codec = None
-    if config["space"] == "pca":
-        from safetensors.torch import load_file
-        codec = load_file(os.path.join(folder, "latent.safetensors"), device=str(device))
-
-    @torch.no_grad()
-    def encode(prompts):
-        return encode_miniature(text_encoder, tokenizer, prompts, config["max_tokens"])
-
-    @torch.no_grad()
-    def decode(latents):
-        return pixels_to_images(latents if codec is None else pca_decode(latents, codec))
-
-    return ModelBundle(transformer, scheduler, encode, decode, miniature_latent_shape(transformer, codec),
-                       config["resolution"], "miniature", str(folder),
-                       {"eval_steps": config["eval_steps"], "guidance_scale": config["guidance_scale"],
-                        "lora_targets": MINIATURE_LORA_TARGETS})
-
-
-def miniature_latent_shape(transformer, codec):
-    """resolution -> (C, h, w): pixels, or the PCA latent at 1/factor of the resolution."""
-    channels = transformer.config.in_channels
-    factor = 1 if codec is None else int(codec["factor"])
-    return lambda res: (channels, res // factor, res // factor)
-
-
-def encode_miniature(text_encoder, tokenizer, prompts, max_tokens):
-    """Prompt embeddings of the miniature model (differentiable: pretraining trains the encoder)."""
-    ids = tokenizer(list(prompts), padding="max_length", max_length=max_tokens, truncation=True,
-                    return_tensors="pt").input_ids.to(text_encoder.device)
-    out = text_encoder(ids)
-    return out.last_hidden_state, out.text_embeds
-
-
-def pixels_to_images(x):
-    """Pixels in [-1, 1] -> images in [0, 1]."""
-    return ((x.float() + 1) / 2).clamp(0, 1)
-
-
-def pca_encode(pixels, codec):
-    """A linear, near-exact latent space: each f x f x 3 pixel patch (pixels in [-1, 1]) projected on
-    k principal components, times a global scale: (B, 3, H, W) -> (B, k, H/f, W/f)."""
-    f = int(codec["factor"])
-    b, _, height, width = pixels.shape
-    patches = pixels.float().permute(0, 2, 3, 1).reshape(b, height // f, f, width // f, f, 3)
-    patches = patches.permute(0, 1, 3, 2, 4, 5).reshape(b, height // f, width // f, f * f * 3)
-    return ((patches - codec["mean"]) @ codec["basis"].T * codec["scale"]).permute(0, 3, 1, 2)
-
-
-def pca_decode(latents, codec):
-    """Inverse of pca_encode (exact on the span of the components): (B, k, h, w) -> (B, 3, h f, w f)."""
-    f = int(codec["factor"])
-    b, _, h, w = latents.shape
-    patches = latents.float().permute(0, 2, 3, 1) / codec["scale"] @ codec["basis"] + codec["mean"]
-    return patches.reshape(b, h, w, f, f, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, h * f, w * f)
-
-
-def load_sd3(path_or_id, device="cpu", dtype=torch.float32, text_encoder_3=True, max_sequence_length=None):
-    """The real model (SD3 / SD3.5) from a diffusers pipeline folder or hub id. Without T5 only the
-    two CLIP encoders run and a single zero T5 row is appended (diffusers pads 256 zero rows)."""
-    from diffusers import StableDiffusion3Pipeline
-    has_t5 = text_encoder_3
-    index = os.path.join(str(path_or_id), "model_index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            has_t5 = has_t5 and (json.load(f).get("text_encoder_3") or [None])[0] is not None
-    extra = {} if has_t5 else {"text_encoder_3": None, "tokenizer_3": None}
-    pipe = StableDiffusion3Pipeline.from_pretrained(path_or_id, dtype=dtype, **extra).to(device)
-    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        if module is not None:
-            module.eval().requires_grad_(False)
-    seq_len = max_sequence_length or (128 if has_t5 else 1)
-
-    @torch.no_grad()
-    def encode(prompts):
-        embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), None, None, device=device,
-                                                  do_classifier_free_guidance=False, max_sequence_length=seq_len)
-        return embeds, pooled
-
-    @torch.no_grad()
-    def decode(latents):
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        return (pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
-
-    factor = pipe.vae_scale_factor
-    channels = pipe.transformer.config.in_channels
-    resolution = min(512, pipe.transformer.config.sample_size * factor)  # the paper trains SD3.5-M at 512 px
-    return ModelBundle(pipe.transformer, pipe.scheduler, encode, decode,
-                       lambda res: (channels, res // factor, res // factor), resolution, "sd3", str(path_or_id))
+class UserError(ValueError):
+    """A bad flag value, file, prompt or server reply: the entry points print `error: <message>` and
+    exit with status 2 instead of a traceback (training.run_cli). Any other exception is a bug and raises."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +71,7 @@ def velocity(model, x, sigma, embeds, pooled, guidance_scale=1.0, negative=None,
 
 
 # ----------------------------------------------------------------------------------------------
-# The SDE step with log-probability (M1) and the per-step KL (M3)
+# Sigmas: the sampler's schedule and the flow-matching training times (METHOD.md §0)
 
 
 def sampling_sigmas(scheduler, num_steps):
@@ -258,10 +80,29 @@ def sampling_sigmas(scheduler, num_steps):
     return scheduler.sigmas.detach().float().cpu().clone()
 
 
+def shift_sigmas(sigma, shift):
+    """The SD3 time shift sigma' = shift sigma / (1 + (shift - 1) sigma), as the scheduler applies it."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def training_sigmas(n, shift, device="cpu"):
+    """n flow-matching training times: logit-normal(0, 1), then time-shifted like the sampler (METHOD.md §0)."""
+    return shift_sigmas(torch.sigmoid(torch.randn(n, device=device)), shift)
+
+
+def forward_noise(x0, sigma, noise):
+    """x_sigma = (1 - sigma) x0 + sigma eps, the forward process (METHOD.md §0); sigma a float or (B,)."""
+    return _as_batch(1 - sigma, x0) * x0 + _as_batch(sigma, x0) * noise
+
+
 def _as_batch(value, like):
     """A scalar or (B,) sigma as a tensor broadcastable against x (B, ...)."""
     value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
     return value.reshape(-1, *([1] * (like.dim() - 1))) if value.dim() else value
+
+
+# ----------------------------------------------------------------------------------------------
+# The SDE step with log-probability (M1) and the per-step KL (M3)
 
 
 def sde_std(sigma, sigma_next, sigma_1, noise_level):
@@ -311,10 +152,28 @@ def step_kl(v_student, v_teacher, sigma, sigma_next, sigma_1, noise_level, weigh
     raise ValueError(f"unknown KL weighting {weighting!r}; expected 'paper' or 'code'")
 
 
+# ----------------------------------------------------------------------------------------------
+# Rollouts: whole SDE trajectories (M1)
+
+
 def per_sample_noise(generators, shape, device="cpu"):
     """One standard normal draw of `shape` per sample, each from that sample's own generator, so a
     sample depends only on its seed (not on batch size or position)."""
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+def bf16_is_fast(device="cpu"):
+    """Whether bf16 matmuls run natively: on a GPU, or a CPU with AVX512-BF16/AMX. Elsewhere oneDNN emulates
+    them, ~100x slower than fp32 (measured on a 2-core AVX2 EPYC: 0.9 against 111 GFLOP/s), so every
+    default that picks bf16 for speed asks this first."""
+    if torch.device(device).type != "cpu":
+        return True
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast(device, bf16):
+    """bf16 autocast on `device` (a torch.device or tensor's device) when `bf16`, else full precision."""
+    return torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16)
 
 
 @torch.no_grad()
@@ -360,7 +219,26 @@ def rollout_chunks(model, embeds, pooled, latent_shape, sigmas, seeds, chunk_siz
 # ----------------------------------------------------------------------------------------------
 # Prompts and the hard router R(c) (METHOD.md §4)
 
+
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def route(prompt, metadata, tasks):
+    """R(c): the task (teacher) of one prompt. From its metadata tag where present (a GenEval tag ->
+    'geneval', or an explicit "task"), else by rule: quoted text -> 'ocr', otherwise 'geneval'.
+    A prompt whose task is not among `tasks` is an error."""
+    metadata = metadata or {}
+    if "task" in metadata:
+        task = metadata["task"]
+    elif metadata.get("tag") in GENEVAL_TAGS:
+        task = "geneval"
+    elif metadata.get("tag") == "ocr" or re.search(r'"[^"]+"', prompt):
+        task = "ocr"
+    else:
+        task = "geneval"
+    if task not in tasks:
+        raise ValueError(f"prompt {prompt!r} routes to task {task!r}, but the teachers are {sorted(tasks)}")
+    return task
 
 
 def load_prompts(path):
@@ -389,24 +267,6 @@ def load_prompts(path):
     return items
 
 
-def route(prompt, metadata, tasks):
-    """R(c): the task (teacher) of one prompt. From its metadata tag where present (a GenEval tag ->
-    'geneval', or an explicit "task"), else by rule: quoted text -> 'ocr', otherwise 'geneval'.
-    A prompt whose task is not among `tasks` is an error."""
-    metadata = metadata or {}
-    if "task" in metadata:
-        task = metadata["task"]
-    elif metadata.get("tag") in GENEVAL_TAGS:
-        task = "geneval"
-    elif metadata.get("tag") == "ocr" or re.search(r'"[^"]+"', prompt):
-        task = "ocr"
-    else:
-        task = "geneval"
-    if task not in tasks:
-        raise ValueError(f"prompt {prompt!r} routes to task {task!r}, but the teachers are {sorted(tasks)}")
-    return task
-
-
 DEFAULT_PROMPT_FILES = {"geneval": {"train": "geneval/train_metadata.jsonl", "test": "geneval/test_metadata.jsonl"},
                         "ocr": {"train": "ocr/train.txt", "test": "ocr/test.txt"}}
 
@@ -415,20 +275,100 @@ def prompts_by_task(files, tasks, dataset, split):
     """{task: [(prompt, metadata)]}: the prompts of comma-separated `files` (or, when empty, the
     dataset's `split` files of `tasks`) grouped by the router. A prompt routed to a task outside
     `tasks`, or a task left with no prompt, is an error now rather than mid-run."""
-    if dataset == "dataset" and not files and not os.path.isdir(dataset):
-        import toy
-        toy.write_prompt_files(dataset)  # the miniature world's prompt files, made on first use
     unknown = [t for t in tasks if t not in DEFAULT_PROMPT_FILES]
     if not files and unknown:
         raise ValueError(f"no default prompt files for task(s) {unknown}; pass the prompt files explicitly")
     paths = files.split(",") if files else [os.path.join(dataset, DEFAULT_PROMPT_FILES[t][split]) for t in tasks]
     grouped = {task: [] for task in tasks}
     for prompt, meta in (item for path in paths for item in load_prompts(path)):
-        grouped[route(prompt, meta, set(tasks))].append((prompt, meta))
+        try:
+            grouped[route(prompt, meta, set(tasks))].append((prompt, meta))
+        except ValueError as err:  # route() raises a plain ValueError, to stay copyable without this module
+            raise UserError(f"{err} (in {paths})") from None
     empty = [task for task, items in grouped.items() if not items]
     if empty:
         raise ValueError(f"no {split} prompt routes to task(s) {empty}; expected prompts of every task in {paths}")
     return grouped
+
+
+# ----------------------------------------------------------------------------------------------
+# The flow-matching loss (SFT cold start M6, DiffusionNFT)
+
+
+def flow_matching_loss(model, x0, embeds, pooled, shift=3.0, bf16=False, guidance_scale=1.0, negative=None,
+                       sigma=None, noise=None):
+    """Rectified-flow loss || v(x_sigma, sigma, c) - (eps - x0) ||^2 at x_sigma = (1 - sigma) x0 + sigma eps,
+    sigma logit-normal(0, 1) then time-shifted like the sampler (METHOD.md §0, M6's SFT). With
+    guidance_scale w != 1 the guided velocity is fitted: samples drawn with CFG w are then the model's
+    own CFG-w distribution, instead of having guidance applied twice at sampling. `sigma`, `noise`: given
+    draws (e.g. one process's share of a global batch's), else drawn here."""
+    sigma = training_sigmas(len(x0), shift, x0.device) if sigma is None else sigma
+    noise = torch.randn_like(x0) if noise is None else noise
+    x_sigma = forward_noise(x0, sigma, noise)
+    with autocast(x0.device, bf16):
+        v = velocity(model, x_sigma, sigma, embeds, pooled, guidance_scale, negative)
+    return ((v.float() - (noise - x0)) ** 2).mean()
+
+
+# ==============================================================================================
+# Below: the models and adapters the method runs on, and atomic writes. No method here.
+
+
+# ----------------------------------------------------------------------------------------------
+# The model bundle: what every stage needs of a base model (SD3 here; toy_model.py for the miniature)
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    transformer: torch.nn.Module        # SD3Transformer2DModel: velocity v(x, 1000 sigma, text)
+    scheduler: object                   # FlowMatchEulerDiscreteScheduler: gives the sigmas
+    encode: Callable                    # list[str] -> (embeds (B, T, D), pooled (B, P)), no grad
+    decode: Callable                    # latents -> images (B, 3, H, W) in [0, 1], no grad
+    latent_shape: Callable              # resolution (px) -> (C, h, w)
+    resolution: int                     # the model's native resolution in pixels
+    kind: str                           # "miniature" or "sd3"
+    path: str
+    defaults: dict = dataclasses.field(default_factory=lambda: {"eval_steps": 40, "guidance_scale": 4.5,  # paper's
+                                                                "lora_targets": FLOW_GRPO_LORA_TARGETS})
+
+
+# The published Flow-GRPO teachers' LoRA layout (r 32, alpha 64, Gaussian init) on SD3's joint attention
+FLOW_GRPO_LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                          "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
+
+
+def load_sd3(path_or_id, device="cpu", dtype=torch.float32, text_encoder_3=True, max_sequence_length=None):
+    """The real model (SD3 / SD3.5) from a diffusers pipeline folder or hub id. Without T5 only the
+    two CLIP encoders run and a single zero T5 row is appended (diffusers pads 256 zero rows)."""
+    from diffusers import StableDiffusion3Pipeline
+    has_t5 = text_encoder_3
+    index = os.path.join(str(path_or_id), "model_index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            has_t5 = has_t5 and (json.load(f).get("text_encoder_3") or [None])[0] is not None
+    extra = {} if has_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+    pipe = StableDiffusion3Pipeline.from_pretrained(path_or_id, dtype=dtype, **extra).to(device)
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if module is not None:
+            module.eval().requires_grad_(False)
+    seq_len = max_sequence_length or (128 if has_t5 else 1)
+
+    @torch.no_grad()
+    def encode(prompts):
+        embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), None, None, device=device,
+                                                  do_classifier_free_guidance=False, max_sequence_length=seq_len)
+        return embeds, pooled
+
+    @torch.no_grad()
+    def decode(latents):
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        return (pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+    factor = pipe.vae_scale_factor
+    channels = pipe.transformer.config.in_channels
+    resolution = min(512, pipe.transformer.config.sample_size * factor)  # the paper trains SD3.5-M at 512 px
+    return ModelBundle(pipe.transformer, pipe.scheduler, encode, decode,
+                       lambda res: (channels, res // factor, res // factor), resolution, "sd3", str(path_or_id))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,275 +523,7 @@ def resolve_adapter(path_or_id):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training state shared by the stages: the student, its EMA, checkpoints, the flow-matching loss
-
-
-def make_policy(transformer, rank=32, alpha=64, init=None, targets=FLOW_GRPO_LORA_TARGETS):
-    """A PeftModel with the trainable adapter "student" (a fresh LoRA, or the peft folder `init`,
-    e.g. a Stage 2 cold start) and "ema", its moving average (what is evaluated and published)."""
-    if init:
-        from peft import PeftModel
-        init = resolve_adapter(init)
-        if not os.path.isfile(os.path.join(str(init), "adapter_config.json")):
-            raise FileNotFoundError(f"initial adapter folder {str(init)!r} has no adapter_config.json; expected a "
-                                    f"peft folder (e.g. a stage2_coldstart.py output)")
-        check_adapter_fits(transformer, init)
-        policy = PeftModel.from_pretrained(transformer, str(init), adapter_name="student", is_trainable=True)
-    else:
-        policy = add_lora(transformer, rank, alpha, targets)
-    policy.add_adapter("ema", policy.peft_config["student"])
-    params = dict(policy.named_parameters())
-    with torch.no_grad():
-        for name, value in lora_state(policy, "student").items():
-            params[name.replace(".student.", ".ema.")].copy_(value)
-    freeze_all_but(policy, "student")
-    return policy.eval()  # no dropout anywhere; and peft's mixed-adapter batches run in eval mode only
-
-
-def lora_state(policy, adapter):
-    """{parameter name: detached copy} of one adapter's LoRA weights."""
-    return {n: p.detach().clone() for n, p in policy.named_parameters() if f".{adapter}." in n}
-
-
-def update_ema(policy, decay, target="ema"):
-    """target <- decay * target + (1 - decay) * student, over the LoRA weights (decay 0: a copy)."""
-    params = dict(policy.named_parameters())
-    with torch.no_grad():
-        for name, param in params.items():
-            if f".{target}." in name:
-                param.lerp_(params[name.replace(f".{target}.", ".student.")], 1 - decay)
-
-
-RUN_ADAPTERS = ("student", "ema", "old")  # the adapters a run changes; teachers and anchors stay in their folders
-
-
-def save_checkpoint(folder, policy, optimizer, epoch, rng, log):
-    """Atomic OUT/checkpoint: the run's adapters (student, EMA and NFT's sampling policy "old" where there is
-    one; peft folders), optimizer, RNG states, epoch, log."""
-    names = [name for name in RUN_ADAPTERS if name in policy.peft_config]
-    def write(tmp):
-        policy.save_pretrained(tmp, selected_adapters=names)
-        torch.save({"adapters": {name: lora_state(policy, name) for name in names},
-                    "optimizer": optimizer.state_dict(), "epoch": epoch, "log": log, "python_rng": rng.getstate(),
-                    "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()},
-                   os.path.join(tmp, "state.pt"))
-    atomic_write_dir(os.path.join(folder, "checkpoint"), write)
-
-
-def load_checkpoint(folder, policy, optimizer, rng):
-    """Restores what save_checkpoint wrote; returns (epoch, log). A clear error if it was written for
-    another model or LoRA shape."""
-    state = torch.load(os.path.join(folder, "checkpoint", "state.pt"), weights_only=False)
-    params = dict(policy.named_parameters())
-    saved = {name: value for adapter in state["adapters"].values() for name, value in adapter.items()}
-    for name, value in saved.items():
-        if name not in params or params[name].shape != value.shape:
-            raise ValueError(f"checkpoint {folder}/checkpoint does not fit this model and LoRA: {name} "
-                             f"{tuple(value.shape)} vs {tuple(params[name].shape) if name in params else 'absent'}; "
-                             f"expected the same --model, LoRA rank and targets (and --objective) as the run that wrote it")
-    with torch.no_grad():
-        for name, value in saved.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    rng.setstate(state["python_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    np.random.set_state(state["numpy_rng"])
-    return state["epoch"], state["log"]
-
-
-def sampling_defaults(args, bundle):
-    """Fills the guidance and eval settings left unset with the model's, and the negative prompt."""
-    args.guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
-    args.eval_guidance = args.eval_guidance if args.eval_guidance is not None else bundle.defaults["guidance_scale"]
-    args.eval_steps = args.eval_steps or bundle.defaults["eval_steps"]
-    args.negative = bundle.encode([""])  # CFG's empty prompt, also for --nft-guidance when sampling is unguided
-
-
-def epoch_list(text):
-    """'4,8' -> [4, 8]: the --eval-at argument (epochs >= 0; '' = none)."""
-    try:
-        epochs = [int(e) for e in text.split(",") if e.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of epochs; expected e.g. '4,8'") from None
-    if any(e < 0 for e in epochs):
-        raise argparse.ArgumentTypeError(f"{text!r} has a negative epoch; expected epochs >= 0 (0 = the untrained start)")
-    return epochs
-
-
-def evaluation_due(args, epoch):
-    """Whether the test scores are taken after `epoch` (0 = the untrained start): at the --eval-at epochs
-    when given (pipeline.py: only the curve's inner points, as eval.py scores the ends), else every
-    --eval-every epochs and at the last one (--eval-every 0: never)."""
-    if args.eval_at is not None:
-        return epoch in args.eval_at
-    return args.eval_every > 0 and (epoch % args.eval_every == 0 or epoch == args.epochs)
-
-
-def start_run(args, policy, optimizer, rng, evaluate):
-    """Resumes from OUT/checkpoint with --resume, else starts OUT/log.jsonl with the untrained
-    policy's test scores (`evaluate(None)`, where evaluation_due at epoch 0). Returns (last finished epoch, log)."""
-    if args.eval_every < 0:
-        raise ValueError(f"--eval-every {args.eval_every} is negative; expected a number of epochs, or 0 for no evaluation")
-    os.makedirs(args.out, exist_ok=True)
-    if args.resume and os.path.isdir(os.path.join(args.out, "checkpoint")):
-        epoch, log = load_checkpoint(args.out, policy, optimizer, rng)
-        print(f"resumed from {args.out}/checkpoint at epoch {epoch}")
-        return epoch, log
-    log = [{"epoch": 0, "trajectories": 0, **({"eval": evaluate(None)} if evaluation_due(args, 0) and args.rank == 0 else {})}]
-    if args.rank == 0:  # only the first process evaluates and writes
-        with open(os.path.join(args.out, "log.jsonl"), "w") as f:
-            f.write(json.dumps(log[0]) + "\n")
-    return 0, log
-
-
-def end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate):
-    """The stages' shared end of an epoch: the test scores (`evaluate(png_path)`) where evaluation_due,
-    an atomic checkpoint with each periodic evaluation (every epoch with --eval-every 0 or --eval-at);
-    the record appended to the log and OUT/log.jsonl; a clear stop after --max-bad-epochs non-finite
-    epochs in a row, the last good checkpoint kept."""
-    epoch = record["epoch"]
-    evaluating = evaluation_due(args, epoch)
-    due = evaluating or args.eval_at is not None or args.eval_every == 0  # when a checkpoint is written
-    first = args.rank == 0  # only the first process evaluates and writes
-    if evaluating and first:
-        record["eval"] = evaluate(os.path.join(args.out, f"samples_epoch{epoch:04d}.png"))
-    log.append(record)
-    if first:
-        from tqdm import tqdm
-        tqdm.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}))
-        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-    if bad_epochs >= args.max_bad_epochs:
-        raise SystemExit(f"stopping: {bad_epochs} epochs in a row had a non-finite loss or reward; the last "
-                         f"good checkpoint is {args.out}/checkpoint")
-    if finite and due and first:
-        save_checkpoint(args.out, policy, optimizer, epoch, rng, log)
-
-
-def shift_sigmas(sigma, shift):
-    """The SD3 time shift sigma' = shift sigma / (1 + (shift - 1) sigma), as the scheduler applies it."""
-    return shift * sigma / (1 + (shift - 1) * sigma)
-
-
-def training_sigmas(n, shift, device="cpu"):
-    """n flow-matching training times: logit-normal(0, 1), then time-shifted like the sampler (METHOD.md §0)."""
-    return shift_sigmas(torch.sigmoid(torch.randn(n, device=device)), shift)
-
-
-def forward_noise(x0, sigma, noise):
-    """x_sigma = (1 - sigma) x0 + sigma eps, the forward process (METHOD.md §0); sigma a float or (B,)."""
-    return _as_batch(1 - sigma, x0) * x0 + _as_batch(sigma, x0) * noise
-
-
-def flow_matching_loss(model, x0, embeds, pooled, shift=3.0, bf16=False, guidance_scale=1.0, negative=None,
-                       sigma=None, noise=None):
-    """Rectified-flow loss || v(x_sigma, sigma, c) - (eps - x0) ||^2 at x_sigma = (1 - sigma) x0 + sigma eps,
-    sigma logit-normal(0, 1) then time-shifted like the sampler (METHOD.md §0, M6's SFT). With
-    guidance_scale w != 1 the guided velocity is fitted: samples drawn with CFG w are then the model's
-    own CFG-w distribution, instead of having guidance applied twice at sampling. `sigma`, `noise`: given
-    draws (e.g. one process's share of a global batch's), else drawn here."""
-    sigma = training_sigmas(len(x0), shift, x0.device) if sigma is None else sigma
-    noise = torch.randn_like(x0) if noise is None else noise
-    x_sigma = forward_noise(x0, sigma, noise)
-    with autocast(x0.device, bf16):
-        v = velocity(model, x_sigma, sigma, embeds, pooled, guidance_scale, negative)
-    return ((v.float() - (noise - x0)) ** 2).mean()
-
-
-# ----------------------------------------------------------------------------------------------
-# Several processes (torchrun): every process draws the same global batch and keeps its shard;
-# rewards are gathered, gradients and statistics summed, so the run equals the single-process one
-
-
-def init_distributed(args):
-    """Under `torchrun --nproc_per_node N`: joins the process group (nccl on GPU, gloo on CPU) and puts
-    this process on its own GPU. Sets args.rank and args.world (0 and 1 without torchrun)."""
-    args.rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if args.world > 1 and not torch.distributed.is_initialized():
-        cuda = str(args.device).startswith("cuda")
-        if cuda:
-            local_rank = int(os.environ.get("LOCAL_RANK", 0))
-            gpus = torch.cuda.device_count()
-            if local_rank >= gpus:
-                raise ValueError(f"process {local_rank} of {os.environ.get('LOCAL_WORLD_SIZE')} on this machine has no GPU "
-                                 f"({gpus} visible); expected --nproc_per_node <= the GPU count, "
-                                 f"or --device cpu")
-            args.device = f"cuda:{local_rank}"
-            torch.cuda.set_device(args.device)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
-
-
-def end_distributed(args):
-    """A multi-process run's last step: every process waits until rank 0 has written its results, then
-    all leave the group together. A process that left while another still held the group sometimes
-    aborted in gloo's teardown ("terminate called without an active exception", exit code -6: twice
-    in about 30 two-process test runs), failing the whole torchrun job after its work was done."""
-    if args.world > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-def check_divisible(args, **sizes):
-    """Every global batch size must split evenly over the processes (else the shards, and the mean
-    the single-process run takes, would differ)."""
-    for flag, size in sizes.items():
-        if size % args.world:
-            raise ValueError(f"--{flag.replace('_', '-')} {size} does not split over {args.world} processes; "
-                             f"expected a multiple of {args.world}")
-
-
-def shard(items, args):
-    """This process's share of a global batch: items rank, rank + world, rank + 2 world, ... Shards of
-    consecutive chunks of the global batch are consecutive chunks of the shard."""
-    return items[args.rank::args.world]
-
-
-def gather(values, args):
-    """The inverse of shard(): the global batch, in its order, from every process's shard (a tensor)."""
-    if args.world == 1:
-        return values
-    parts = [torch.empty_like(values) for _ in range(args.world)]
-    torch.distributed.all_gather(parts, values.contiguous())
-    return torch.stack(parts, 1).flatten(0, 1)  # global item k * world + r is shard r's item k
-
-
-def all_reduce(values, args, op="sum"):
-    """A float tensor summed (or "min", "max") over processes; unchanged with one process."""
-    if args.world > 1:
-        ops = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN,
-               "max": torch.distributed.ReduceOp.MAX}
-        torch.distributed.all_reduce(values, ops[op])
-    return values
-
-
-def sync_gradients(params, args):
-    """Sums the gradients over processes in one call. Each process's loss is its shard's share of the
-    global mean (a sum over its items / the global count), so the sum is the single-process gradient.
-    (torch's DistributedDataParallel does the same per backward; here the gradients of all N steps of
-    a chunk are accumulated first, and peft's adapter switching needs the bare model, so one explicit
-    all-reduce per optimizer step is simpler and sends less.)"""
-    if args.world == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    torch.distributed.all_reduce(flat)
-    offset = 0
-    for param, grad in zip(params, grads):
-        param.grad = flat[offset:offset + grad.numel()].view_as(grad)
-        offset += grad.numel()
-
-
-def optimizer_step(params, optimizer, args, max_grad_norm=None):
-    """The stages' update: gradients summed over processes (sync_gradients), clipped to
-    `max_grad_norm` (default --max-grad-norm), one optimizer step."""
-    sync_gradients(params, args)
-    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if max_grad_norm is None else max_grad_norm)
-    optimizer.step()
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic writes and images
+# Atomic writes: a folder or file is either the old complete version or the new one
 
 
 def atomic_write_dir(folder, write, subfolder=None):
@@ -887,49 +559,3 @@ def atomic_torch_save(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def image_grid(images, columns=8):
-    """A PIL grid of (B, 3, H, W) images in [0, 1] with a grey 1-px border."""
-    images = (images.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
-    rows = math.ceil(len(images) / columns)
-    h, w = images.shape[1:3]
-    grid = np.full((rows * (h + 2), columns * (w + 2), 3), 128, np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = image
-    return Image.fromarray(grid)
-
-
-def line_chart(series, path, x_label, y_label, size=(640, 400)):
-    """A PNG line chart of {label: [(x, y), ...]} with PIL alone (no plotting dependency)."""
-    from PIL import ImageDraw
-    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
-    points = [xy for line in series.values() for xy in line]
-    if not points:
-        raise ValueError(f"nothing to plot for {path!r}: every series is empty")
-    (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*points)]
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-3)
-    left, top, right, bottom = 60, 20, size[0] - 20, size[1] - 50
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-
-    def at(x, y):
-        return left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top)
-    draw.rectangle([left, top, right, bottom], outline="black")
-    for k in range(5):
-        y = y0 + (y1 - y0) * k / 4
-        draw.text((5, at(x0, y)[1] - 6), f"{y:.3f}", fill="black")
-        x = x0 + (x1 - x0) * k / 4
-        draw.text((at(x, y0)[0] - 10, bottom + 5), f"{x:g}", fill="black")
-    draw.text((left, size[1] - 22), x_label, fill="black")
-    draw.text((left + 5, top + 2), y_label, fill="black")
-    for i, (label, line) in enumerate(series.items()):
-        color = colors[i % len(colors)]
-        xy = [at(x, y) for x, y in sorted(line)]
-        if len(xy) > 1:
-            draw.line(xy, fill=color, width=2)
-        for px, py in xy:
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-        draw.text((right - 170, top + 8 + 14 * i), label, fill=color)
-    image.save(path)

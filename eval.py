@@ -17,11 +17,50 @@ import torch
 
 import common
 import rewards
-import toy
+import toy_world
+import training
+from toy_world import GENEVAL_TAGS, REWARDS, score
 
 COLUMN_OF = {"geneval": "geneval_strict", "ocr": "ocr", "quality": "quality", "deqa": "deqa", "pickscore": "pickscore"}
 TITLE = {"geneval_strict": "GenEval (strict)", "ocr": "OCR", "quality": "quality", "deqa": "DeQA / 5",
          "pickscore": "PickScore / 26"}
+
+
+def sample_images(bundle, prompts, seeds, num_steps, guidance_scale, noise_level=0.0, batch_size=64, bf16=None):
+    """Images of a ModelBundle for prompts/seeds (deterministic ODE by default), in batches, under bf16
+    autocast if `bf16` (default: where bf16 is fast, common.bf16_is_fast)."""
+    sigmas = common.sampling_sigmas(bundle.scheduler, num_steps)
+    negative = bundle.encode([""])
+    images = []
+    for i in range(0, len(prompts), batch_size):
+        embeds, pooled = bundle.encode(prompts[i:i + batch_size])
+        with common.autocast(embeds.device, common.bf16_is_fast(embeds.device) if bf16 is None else bf16):
+            out = common.rollout(bundle.transformer, embeds, pooled, bundle.latent_shape(bundle.resolution), sigmas,
+                          seeds[i:i + batch_size], noise_level, guidance_scale, negative, bundle.decode)
+        images.append(out["images"])
+    return torch.cat(images)
+
+
+def evaluate(bundle, items, num_steps, guidance_scale, seed=0, scorer=None, names=REWARDS, bf16=False):
+    """Scores of a model on [(prompt, metadata)]: {"geneval_strict", "geneval", "ocr", "quality",
+    "geneval/<tag>"...} means, and the images. Seeds are seed + index, so every model sees the same noise.
+    `scorer`: a function with score()'s signature (default toy_world.score; rewards.make_scorer for real models).
+    fp32 by default, as eval.py: the same weights then score the same on every CPU (bf16 rounding moved
+    a row's GenEval strict by up to 0.04, README)."""
+    prompts, metas = [p for p, _ in items], [m for _, m in items]
+    images = sample_images(bundle, prompts, [seed + i for i in range(len(prompts))], num_steps, guidance_scale, bf16=bf16)
+    return summarize((scorer or score)(images, prompts, metas, names=names), metas), images
+
+
+def summarize(scores, metas):
+    """Mean of each reward over the prompts it applies to, and GenEval strict accuracy per tag."""
+    result = {name: float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+              for name, values in scores.items()}
+    for tag in GENEVAL_TAGS:
+        mask = np.array([bool(m) and m.get("tag") == tag for m in metas])
+        if mask.any() and "geneval_strict" in scores:
+            result[f"geneval/{tag}"] = float(scores["geneval_strict"][mask].mean())
+    return result
 
 
 def parse_adapters(text):
@@ -54,22 +93,22 @@ def load_adapters(transformer, adapters):
     return model
 
 
-def evaluate_policy(bundle, policy, adapter, items, steps, guidance, out_png=None, scorer=None, names=toy.REWARDS,
+def evaluate_policy(bundle, policy, adapter, items, steps, guidance, out_png=None, scorer=None, names=toy_world.REWARDS,
                     bf16=None):
     """Test scores of `policy` (a PeftModel) with `adapter` active: the stages' periodic evaluation.
     Deterministic ODE; prompt i uses seed i, as in the table. Optionally writes a sample grid.
     `scorer`/`names`: the scorer and rewards (rewards.from_args), default the miniature world's."""
     with common.use_adapter(policy, adapter):
-        result, images = toy.evaluate(dataclasses.replace(bundle, transformer=policy), items, steps, guidance,
+        result, images = evaluate(dataclasses.replace(bundle, transformer=policy), items, steps, guidance,
                                       scorer=scorer, names=names, bf16=bf16)
     if out_png:
-        common.image_grid(images[::max(1, len(images) // 32)][:32], 8).save(out_png)
+        training.image_grid(images[::max(1, len(images) // 32)][:32], 8).save(out_png)
     return result
 
 
 def row_scores(scores, metas, columns):
-    """toy.summarize plus the average of the table's columns."""
-    row = toy.summarize(scores, metas)
+    """summarize plus the average of the table's columns."""
+    row = summarize(scores, metas)
     row["average"] = float(np.mean([row[c] for c in columns if c in row and np.isfinite(row[c])]))
     return row
 
@@ -82,7 +121,7 @@ def markdown_table(rows, columns):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_model_arguments(p)  # --model, --device, --model-dtype, --resolution (others unused here)
+    training.add_model_arguments(p)  # --model, --device, --model-dtype, --resolution (others unused here)
     rewards.add_arguments(p)  # --eval-rewards (default: the world's columns), --pickscore-model, --geneval-url, ...
     p.add_argument("--adapters", default="")  # name=peft_folder,...; a row "base" (no adapter) comes first
     p.add_argument("--no-base-row", action="store_true")  # leave the base model's row out
@@ -99,11 +138,11 @@ def main(argv=None):
     adapters = parse_adapters(args.adapters)
     files = args.test_prompts.split(",")
     if args.test_prompts == p.get_default("test_prompts") and not all(os.path.isfile(f) for f in files):
-        toy.write_prompt_files("dataset")  # the miniature world's prompt files, made on first use
+        toy_world.ensure_prompt_files("dataset")
     items = [item for f in files for item in common.load_prompts(f)]
     # K seeds per prompt shrink the scores' standard error ~sqrt(K) (one seed per prompt: ~0.047 on GenEval strict)
     prompts, metas = [p for p, _ in items] * args.samples_per_prompt, [m for _, m in items] * args.samples_per_prompt
-    bundle = common.load_model_from_args(args)
+    bundle = training.load_model_from_args(args)
     score, names = rewards.from_args(args, bundle)
     columns = [COLUMN_OF[n] for n in names]
     steps = args.steps or bundle.defaults["eval_steps"]
@@ -114,7 +153,7 @@ def main(argv=None):
     shown = np.linspace(0, len(items) - 1, min(args.grid_prompts, len(items))).round().astype(int)
     for name, path in runs:
         with common.use_adapter(model, None if path is None else name) if adapters else torch.no_grad():
-            images = toy.sample_images(dataclasses.replace(bundle, transformer=model), prompts,
+            images = sample_images(dataclasses.replace(bundle, transformer=model), prompts,
                                        [args.seed + i for i in range(len(prompts))], steps, guidance, bf16=args.eval_bf16)
         rows.append({"model": name, "adapter": path, "steps": steps, "guidance_scale": guidance, "seed": args.seed,
                      "samples_per_prompt": args.samples_per_prompt,
@@ -128,7 +167,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(markdown_table(rows, columns))
     grid = torch.stack(shown_images, 1).flatten(0, 1)  # row = prompt, column = model
-    common.image_grid(grid, len(runs)).save(os.path.join(args.out, "grid.png"))
+    training.image_grid(grid, len(runs)).save(os.path.join(args.out, "grid.png"))
     print(markdown_table(rows, columns))
     print(f"wrote {args.out}/eval.json, table.md and grid.png (columns: {', '.join(n for n, _ in runs)})")
 

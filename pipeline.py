@@ -28,6 +28,8 @@ import stage1_grpo
 import stage2_coldstart
 import stage3_opd
 import toy
+import toy_world
+import training
 
 # The budgets. FULL trains every model in minutes on a 2-core CPU; QUICK only checks the wiring.
 GRPO = ["--sde-window", "2", "--lr", "1e-3", "--train-batch-size", "16", "--clip-range", "1e-3", "--ema", "0.8"]
@@ -136,7 +138,7 @@ def curve_png(runs, table, path):
         log = [json.loads(line) for line in open(os.path.join(runs, name, "log.jsonl"))]
         series[label] = [(0, score(rows[start])), *((r["trajectories"], score(r["eval"])) for r in log if "eval" in r),
                          (log[-1]["trajectories"], score(rows[name]))]
-    common.line_chart(series, path, x_label="sampled trajectories", y_label="mean of GenEval strict and OCR")
+    training.line_chart(series, path, x_label="sampled trajectories", y_label="mean of GenEval strict and OCR")
 
 
 def main(argv=None):
@@ -149,8 +151,7 @@ def main(argv=None):
     out = args.out or ("results-quick" if args.quick else "results")
     runs = args.runs or ("runs-quick" if args.quick else "runs")
     dataset = "dataset"
-    if not os.path.isdir(dataset):
-        toy.write_prompt_files(dataset)
+    toy_world.ensure_prompt_files(dataset)
     budget, test_files = FULL, ""
     if args.quick:  # a few test prompts of every task, so that the many evaluations take seconds
         test_files = quick_test_files(dataset, os.path.join(runs, "test-prompts"))

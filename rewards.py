@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import toy
+import toy_world
 
 NAMES = ("geneval", "ocr", "quality", "pickscore", "deqa")
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"                   # the paper's PickScore weights
@@ -87,8 +87,8 @@ def make_scorer(args, bundle):
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         metadata = metadata or [None] * len(prompts)
-        local = tuple(n for n in names if miniature and n in toy.REWARDS and not (n == "geneval" and args.geneval_url))
-        out = toy.score(images, prompts, metadata, names=local) if local else {}  # one pass for all of them
+        local = tuple(n for n in names if miniature and n in toy_world.REWARDS and not (n == "geneval" and args.geneval_url))
+        out = toy_world.score(images, prompts, metadata, names=local) if local else {}  # one pass for all of them
         for name in (n for n in names if n not in local):
             if name == "quality":
                 raise ValueError("reward 'quality' is the miniature world's flat-colour score; on real images use 'deqa'")
@@ -106,8 +106,8 @@ def ocr_rewards(images, prompts):
     is_ocr = np.array([re.search(r'"[^"]*"', p) is not None for p in prompts])
     rewards = np.full(len(prompts), np.nan)
     if is_ocr.any():
-        texts = toy.ocr_read(images[torch.as_tensor(is_ocr)], mode="det")
-        rewards[is_ocr] = [toy.ocr_reward(t, p) for t, p in zip(texts, np.asarray(prompts)[is_ocr])]
+        texts = toy_world.ocr_read(images[torch.as_tensor(is_ocr)], mode="det")
+        rewards[is_ocr] = [toy_world.ocr_reward(t, p) for t, p in zip(texts, np.asarray(prompts)[is_ocr])]
     return rewards
 
 
@@ -121,7 +121,7 @@ def pickscore_scorer(model=PICKSCORE_MODEL, processor=PICKSCORE_PROCESSOR, devic
     def score(images, prompts, metadata=None):
         values = []
         for i in range(0, len(prompts), batch_size):
-            pil = [Image.fromarray(a) for a in toy.to_uint8(images[i:i + batch_size])]
+            pil = [Image.fromarray(a) for a in toy_world.to_uint8(images[i:i + batch_size])]
             pixels = prep(images=pil, return_tensors="pt")["pixel_values"].to(device)
             text = prep(text=list(prompts[i:i + batch_size]), padding=True, truncation=True, max_length=77,
                         return_tensors="pt")
@@ -179,7 +179,7 @@ def server_client(url, timeout=120.0, retries=3, backoff=1.0):
 def jpeg_bytes(images):
     """The protocol's image format: one JPEG (quality 95) per image."""
     out = []
-    for array in toy.to_uint8(images):
+    for array in toy_world.to_uint8(images):
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="JPEG", quality=95)
         out.append(buffer.getvalue())

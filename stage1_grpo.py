@@ -27,7 +27,8 @@ from tqdm import tqdm
 import common
 import eval as evaluation
 import rewards
-import toy
+import toy_world
+import training
 
 # ----------------------------------------------------------------------------------------------
 # Rewards and advantages (M2)
@@ -150,15 +151,15 @@ def sample_epoch(policy, bundle, items, rewards, args, rng, seed):
     shape = bundle.latent_shape(bundle.resolution)
     groups = np.repeat(np.arange(len(picked)), args.group_size)
     seeds, init_seeds = [seed + i for i in range(len(prompts))], [seed + 7919 * (g + 1) for g in groups]
-    my_prompts, my_metas = common.shard(prompts, args), common.shard(metas, args)
+    my_prompts, my_metas = training.shard(prompts, args), training.shard(metas, args)
     embeds, pooled = bundle.encode(my_prompts)
-    batch = common.rollout_chunks(policy, embeds, pooled, shape, sigmas, common.shard(seeds, args),
+    batch = common.rollout_chunks(policy, embeds, pooled, shape, sigmas, training.shard(seeds, args),
                                   args.local_batch_size, levels,
                                   args.guidance, args.negative, bundle.decode,
                                   args.sample_bf16 if args.objective == "nft" else args.train_bf16,
-                                  common.shard(init_seeds, args) if shared_starts else None)
+                                  training.shard(init_seeds, args) if shared_starts else None)
     my_scores = args.score(batch["images"], my_prompts, my_metas, names=tuple(rewards))
-    scores = {name: common.gather(torch.as_tensor(np.asarray(v, np.float64)), args).numpy() for name, v in my_scores.items()}
+    scores = {name: training.gather(torch.as_tensor(np.asarray(v, np.float64)), args).numpy() for name, v in my_scores.items()}
     batch.update(prompts=my_prompts, metas=my_metas, embeds=embeds, pooled=pooled, groups=groups,
                  trained_steps=trained_steps, scores=scores)
     return batch
@@ -208,14 +209,14 @@ def train_on_epoch(policy, batch, advantages, informative, optimizer, args):
             clipped = ((ratio - 1).abs() > args.clip_range).float().mean()
             sums += torch.stack([loss.detach(), kl.detach(), clipped]) * share
             ratio_min, ratio_max = torch.minimum(ratio_min, ratio.detach().min()), torch.maximum(ratio_max, ratio.detach().max())
-        for key, value in zip(("loss", "kl", "clip_frac"), common.all_reduce(sums, args).tolist()):
+        for key, value in zip(("loss", "kl", "clip_frac"), training.all_reduce(sums, args).tolist()):
             stats[key] += value
-        stats["ratio_min"] = min(stats["ratio_min"], common.all_reduce(ratio_min, args, "min").item())
-        stats["ratio_max"] = max(stats["ratio_max"], common.all_reduce(ratio_max, args, "max").item())
+        stats["ratio_min"] = min(stats["ratio_min"], training.all_reduce(ratio_min, args, "min").item())
+        stats["ratio_max"] = max(stats["ratio_max"], training.all_reduce(ratio_max, args, "max").item())
         if not math.isfinite(stats["loss"]):
             optimizer.zero_grad(set_to_none=True)
             return stats
-        common.optimizer_step(params, optimizer, args)
+        training.optimizer_step(params, optimizer, args)
         stats["updates"] += 1
     for key in ("loss", "kl", "clip_frac"):
         stats[key] /= max(1, stats["updates"])
@@ -225,7 +226,7 @@ def train_on_epoch(policy, batch, advantages, informative, optimizer, args):
 def chunks(advantages, informative, args):
     """The update chunks of an epoch's global batch (--train-batch-size trajectories each, zero-variance
     groups left out) as this process sees them: (its rows of the chunk, their advantages, the chunk's
-    count of trained trajectories). Each process holds every world-th trajectory (common.shard)."""
+    count of trained trajectories). Each process holds every world-th trajectory (training.shard)."""
     for start in range(0, len(advantages), args.train_batch_size):
         count = int(informative[start:start + args.train_batch_size].sum())
         if count == 0:
@@ -257,11 +258,11 @@ def train_nft_epoch(policy, batch, advantages, informative, optimizer, args):
                     v_old = common.velocity(policy, x_sigma, sigma, embeds, pooled, args.nft_guidance, args.negative)
             loss = nft_loss(v, v_old, noise - x0[idx], r, args.nft_beta).sum() / count
             loss.backward()
-            stats["loss"] += common.all_reduce(loss.detach().reshape(1), args).item()
+            stats["loss"] += training.all_reduce(loss.detach().reshape(1), args).item()
             if not math.isfinite(stats["loss"]):
                 optimizer.zero_grad(set_to_none=True)
                 return stats
-            common.optimizer_step(params, optimizer, args)
+            training.optimizer_step(params, optimizer, args)
             stats["updates"] += 1
     stats["loss"] /= max(1, stats["updates"])
     return stats
@@ -274,15 +275,14 @@ def prompt_files(args):
     """The train and test prompt files: --train-prompts / --test-prompts, else those of the tasks the
     rewards judge (quality judges every prompt)."""
     tasks = [t for t in common.DEFAULT_PROMPT_FILES if t in args.rewards] or list(common.DEFAULT_PROMPT_FILES)
-    if not os.path.isdir(args.dataset) and args.dataset == "dataset":
-        toy.write_prompt_files(args.dataset)  # the miniature world's prompt files, made on first use
+    toy_world.ensure_prompt_files(args.dataset)
     return [given.split(",") if given else [os.path.join(args.dataset, common.DEFAULT_PROMPT_FILES[t][split]) for t in tasks]
             for given, split in ((args.train_prompts, "train"), (args.test_prompts, "test"))]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_model_arguments(p)  # --model, --device, --model-dtype, --gradient-checkpointing, --resolution, --lora-targets
+    training.add_model_arguments(p)  # --model, --device, --model-dtype, --gradient-checkpointing, --resolution, --lora-targets
     rewards.add_arguments(p)  # --pickscore-model, --geneval-url, --deqa-url, ... (the real world's scorers)
     p.add_argument("--reward", default="geneval")  # one reward = a teacher; name=w,name=w = GRPO-Mix
     p.add_argument("--mix", choices=["sum", "advantage", "alternate"], default="sum")  # GRPO-Mix rule
@@ -315,7 +315,7 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=1.0)  # gradient clipping (paper: 1.0)
     p.add_argument("--ema", type=float, default=0.9)  # EMA decay of the published adapter, per epoch
     p.add_argument("--eval-every", type=int, default=5)  # epochs between test evaluations + checkpoints (0: no evaluation)
-    p.add_argument("--eval-at", type=common.epoch_list, default=None)  # e.g. 4,8: evaluate only after these epochs (0 = start), checkpoint every epoch
+    p.add_argument("--eval-at", type=training.epoch_list, default=None)  # e.g. 4,8: evaluate only after these epochs (0 = start), checkpoint every epoch
     p.add_argument("--eval-steps", type=int, default=None)  # ODE steps at eval (default: the model's; paper: 40)
     p.add_argument("--eval-guidance", type=float, default=None)  # CFG at eval (default: the model's; paper 4.5)
     p.add_argument("--max-bad-epochs", type=int, default=3)  # consecutive non-finite epochs before stopping
@@ -340,29 +340,29 @@ def main(argv=None):
         raise ValueError(f"--nft-old-ramp {args.nft_old_ramp} is not a number of epochs; expected an integer >= 0 (0: no ramp)")
     if args.nft_old_ramp > 0 and args.nft_old_decay == 0:  # a ramp to 0 would silently do nothing
         raise ValueError(f"--nft-old-ramp {args.nft_old_ramp} ramps --nft-old-decay, which is 0; expected --nft-old-decay > 0 with it")
-    common.init_distributed(args)  # torchrun: one process per GPU (or CPU share), each on a shard of every batch
-    common.check_divisible(args, group_size=args.group_size, train_batch_size=args.train_batch_size)
+    training.init_distributed(args)  # torchrun: one process per GPU (or CPU share), each on a shard of every batch
+    training.check_divisible(args, group_size=args.group_size, train_batch_size=args.train_batch_size)
     args.local_batch_size = args.train_batch_size // args.world
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)  # the same on every process: they draw the same global batch
-    bundle = common.load_model_from_args(args)
+    bundle = training.load_model_from_args(args)
     args.score, args.eval_rewards = rewards.from_args(args, bundle)
-    common.sampling_defaults(args, bundle)
+    training.sampling_defaults(args, bundle)
     train_files, test_files = prompt_files(args)
     train_items = [item for f in train_files for item in common.load_prompts(f)]
     test_items = [item for f in test_files for item in common.load_prompts(f)]
 
-    policy = common.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha, targets=args.lora_targets)
+    policy = training.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha, targets=args.lora_targets)
     if args.objective == "nft":  # the epoch's sampling policy, v_old of nft_loss
         policy.add_adapter("old", policy.peft_config["student"])
-        common.update_ema(policy, 0.0, "old")  # starts as the student
+        training.update_ema(policy, 0.0, "old")  # starts as the student
         common.freeze_all_but(policy, "student")
         args.shift = args.nft_shift if args.nft_shift is not None else bundle.scheduler.config.get("shift", 3.0)  # by default shifted like the sampler's times
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
     def evaluate(png):
         return evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance, png,
                                           args.score, args.eval_rewards, args.eval_bf16)
-    epoch, log = common.start_run(args, policy, optimizer, rng, evaluate)
+    epoch, log = training.start_run(args, policy, optimizer, rng, evaluate)
     bad_epochs = 0
     for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage1",
                       disable=args.rank > 0):
@@ -373,7 +373,7 @@ def main(argv=None):
             epoch_rewards = {task: 1.0}
             items = [it for it in train_items if common.route(it[0], it[1], {"geneval", "ocr"}) == task] or train_items
         if args.objective == "nft":  # DiffusionNFT samples with "old", held fixed through the epoch's updates
-            common.update_ema(policy, old_decay(epoch, args.nft_old_decay, args.nft_old_ramp), "old")
+            training.update_ema(policy, old_decay(epoch, args.nft_old_decay, args.nft_old_ramp), "old")
         with common.use_adapter(policy, "old" if args.objective == "nft" else "student"):
             batch = sample_epoch(policy, bundle, items, epoch_rewards, args, rng, seed=args.seed * 100003 + epoch * 1009)
         reward, advantages, informative = advantages_of(batch, epoch_rewards, args.mix)
@@ -382,18 +382,18 @@ def main(argv=None):
         finite = stats is not None and math.isfinite(stats["loss"])
         bad_epochs = 0 if finite else bad_epochs + 1
         if finite:
-            common.update_ema(policy, args.ema)
+            training.update_ema(policy, args.ema)
         groups = batch["groups"]
         record = {"epoch": epoch, "trajectories": epoch * args.prompts_per_epoch * args.group_size,
                   "reward_mean": float(np.nanmean(reward)), "reward_std": float(np.nanstd(reward)),
                   **{f"reward_{n}": float(np.nanmean(v)) for n, v in batch["scores"].items()},
                   "skipped_groups": int(len(set(groups)) - len(set(groups[informative]))),
                   "seconds": time.time() - start, **(stats or {}), "skipped_update": not finite}
-        common.end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate)
+        training.end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate)
     if args.rank == 0:
         common.save_adapter(policy, "ema", os.path.join(args.out, "adapter"))
         print(f"wrote {args.out}/adapter (the EMA teacher, peft format)")
-    common.end_distributed(args)
+    training.end_distributed(args)
 
 
 if __name__ == "__main__":

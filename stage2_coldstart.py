@@ -31,6 +31,8 @@ from tqdm import tqdm
 import common
 import eval as evaluation
 import rewards
+import toy_world
+import training
 
 
 def parse_weights(text, k):
@@ -82,7 +84,7 @@ def merge(args):
     if args.rule == "ab":
         merge_ab(teachers, weights, out)
     else:
-        bundle = common.load_model_from_args(args)
+        bundle = training.load_model_from_args(args)
         model = merge_peft(bundle.transformer, teachers, weights, args.rule,
                            args.svd_rank or common.adapter_layout(next(iter(teachers.values())))[0])
         common.save_adapter(model, "merged", out)
@@ -106,8 +108,8 @@ def teacher_samples(bundle, model, teachers, items_by_task, per_task, steps, gui
     for task in teachers:
         items = items_by_task[task]
         picked = [items[i][0] for i in random.Random(seed).sample(range(len(items)), min(per_task, len(items)))]
-        common.check_divisible(args, samples_per_task=len(picked))
-        mine, task_latents = common.shard(list(enumerate(picked)), args), []
+        training.check_divisible(args, samples_per_task=len(picked))
+        mine, task_latents = training.shard(list(enumerate(picked)), args), []
         with common.use_adapter(model, task):
             for start in tqdm(range(0, len(mine), batch_size), desc=f"sampling {task} teacher", disable=args.rank > 0):
                 part = mine[start:start + batch_size]
@@ -116,7 +118,7 @@ def teacher_samples(bundle, model, teachers, items_by_task, per_task, steps, gui
                     run = common.rollout(model, embeds, pooled, shape, sigmas, [seed + i for i, _ in part], 0.0,
                                          guidance, negative)
                 task_latents.append(run["states"][:, -1])
-        latents.append(common.gather(torch.cat(task_latents), args))
+        latents.append(training.gather(torch.cat(task_latents), args))
         prompts += picked
     return torch.cat(latents), prompts
 
@@ -132,8 +134,8 @@ def best_of_n_samples(bundle, model, items, reward, n, steps, guidance, seed, sc
     shape = bundle.latent_shape(bundle.resolution)
     names = ("geneval", "ocr") if reward == "task" else (reward,)
     candidates = [(p, m, seed + 1000 * i + k) for i, (p, m) in enumerate(items) for k in range(n)]
-    common.check_divisible(args, n=n)
-    candidates, latents, scores = common.shard(candidates, args), [], []
+    training.check_divisible(args, n=n)
+    candidates, latents, scores = training.shard(candidates, args), [], []
     for start in tqdm(range(0, len(candidates), batch_size), desc=f"best of {n}", disable=args.rank > 0):
         part = candidates[start:start + batch_size]
         prompts, metas = [p for p, _, _ in part], [m for _, m, _ in part]
@@ -144,8 +146,8 @@ def best_of_n_samples(bundle, model, items, reward, n, steps, guidance, seed, sc
         scored = score(run["images"], prompts, metas, names=names)
         scores += np.nanmax(np.stack([scored[k] for k in names]), 0).tolist()  # task: the one that applies
         latents.append(run["states"][:, -1])
-    latents = common.gather(torch.cat(latents), args).unflatten(0, (len(items), n))
-    scores = common.gather(torch.tensor(scores, dtype=torch.float64), args).view(len(items), n)
+    latents = training.gather(torch.cat(latents), args).unflatten(0, (len(items), n))
+    scores = training.gather(torch.tensor(scores, dtype=torch.float64), args).view(len(items), n)
     best = scores.argmax(1)
     return latents[torch.arange(len(items)), best], [p for p, _ in items], scores.max(1).values, scores.mean(1)
 
@@ -172,13 +174,13 @@ def fit_adapter(bundle, model, latents, prompts, layout, args, guidance):
         # the global batch's time and noise draws, the same on every process; each keeps its shard
         sigma = common.training_sigmas(args.batch_size, shift).to(latents.device)
         noise = torch.randn(args.batch_size, *latents.shape[1:]).to(latents.device)
-        mine = common.shard(torch.arange(args.batch_size), args)
+        mine = training.shard(torch.arange(args.batch_size), args)
         loss = common.flow_matching_loss(model, latents[idx[mine]], embeds[idx[mine]], pooled[idx[mine]], shift,
                                          args.train_bf16, args.fit_guidance, negative, sigma[mine], noise[mine])
         optimizer.zero_grad(set_to_none=True)
         (loss * len(mine) / args.batch_size).backward()
-        common.optimizer_step(params, optimizer, args, max_grad_norm=1.0)
-        loss = common.all_reduce(loss.detach() * len(mine) / args.batch_size, args)
+        training.optimizer_step(params, optimizer, args, max_grad_norm=1.0)
+        loss = training.all_reduce(loss.detach() * len(mine) / args.batch_size, args)
         log.append({"step": step, "loss": loss.item(), "seconds": time.time() - start})
     return log
 
@@ -197,9 +199,10 @@ def write_result(model, log, args, what):
 def sft(args):
     teachers = common.parse_teachers(args.teachers)
     common.check_same_layout(teachers)
+    toy_world.ensure_prompt_files(args.dataset)
     train_items = common.prompts_by_task(args.train_prompts, teachers, args.dataset, "train")
     torch.manual_seed(args.seed)
-    bundle = common.load_model_from_args(args)
+    bundle = training.load_model_from_args(args)
     guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
     steps = args.sample_steps or bundle.defaults["eval_steps"]
     model = evaluation.load_adapters(bundle.transformer, list(teachers.items()))
@@ -215,11 +218,12 @@ def best_of_n(args):
     if args.reward != "task":
         rewards.check_names([args.reward], f"--reward {args.reward!r} (or 'task')")
     tasks = [args.reward] if args.reward in common.DEFAULT_PROMPT_FILES else list(common.DEFAULT_PROMPT_FILES)
+    toy_world.ensure_prompt_files(args.dataset)
     by_task = common.prompts_by_task(args.train_prompts, tasks, args.dataset, "train")
     rng = random.Random(args.seed)
     items = [item for task in tasks for item in rng.sample(by_task[task], min(args.samples_per_task, len(by_task[task])))]
     torch.manual_seed(args.seed)
-    bundle = common.load_model_from_args(args)
+    bundle = training.load_model_from_args(args)
     guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
     model = common.add_lora(bundle.transformer, args.lora_rank, args.lora_alpha, args.lora_targets, name="unused")
     cache = os.path.join(args.out, "samples.pt")  # the expensive part: kept, so a rerun only refits
@@ -243,7 +247,7 @@ def best_of_n(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("method", choices=["merge", "sft", "bestofn"])  # the cold start
-    common.add_model_arguments(p)  # --model, --device, --model-dtype, --gradient-checkpointing, --resolution, --lora-targets
+    training.add_model_arguments(p)  # --model, --device, --model-dtype, --gradient-checkpointing, --resolution, --lora-targets
     rewards.add_arguments(p)  # bestofn: --pickscore-model, --geneval-url, --deqa-url, ... (the real world's scorers)
     p.add_argument("--teachers", default="")  # task=peft_folder,... (Stage 1 adapters or published LoRAs)
     p.add_argument("--reward", default="task")  # bestofn: the ranking reward ("task": each prompt's own)
@@ -267,11 +271,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.method != "bestofn" and not args.teachers:
         p.error(f"{args.method} needs --teachers task=peft_folder,...")
-    common.init_distributed(args)  # torchrun: sft/bestofn sample and fit on shards; merge runs once
-    common.check_divisible(args, batch_size=args.batch_size)
+    training.init_distributed(args)  # torchrun: sft/bestofn sample and fit on shards; merge runs once
+    training.check_divisible(args, batch_size=args.batch_size)
     if args.method != "merge" or args.rank == 0:  # a merge runs once
         {"merge": merge, "sft": sft, "bestofn": best_of_n}[args.method](args)
-    common.end_distributed(args)
+    training.end_distributed(args)
 
 
 if __name__ == "__main__":

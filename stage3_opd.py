@@ -29,6 +29,8 @@ from tqdm import tqdm
 import common
 import eval as evaluation
 import rewards
+import toy_world
+import training
 
 # ----------------------------------------------------------------------------------------------
 # The per-step objectives (M4)
@@ -126,13 +128,13 @@ def guide_velocities(policy, batch, teacher_names, anchor_name, args):
 def sample_epoch(policy, bundle, picked, teachers, args, seed):
     """On-policy student SDE rollouts (M1) of the picked (prompt, metadata) pairs, with their routes.
     Every process gets the same global `picked` and rolls out its shard (item i has seed seed + i)."""
-    prompts = common.shard([p for p, _ in picked], args)
+    prompts = training.shard([p for p, _ in picked], args)
     all_routes = [common.route(p, m, set(teachers)) for p, m in picked]
-    routes = common.shard(all_routes, args)
+    routes = training.shard(all_routes, args)
     embeds, pooled = bundle.encode(prompts)
     sigmas = common.sampling_sigmas(bundle.scheduler, args.steps)
     batch = common.rollout_chunks(policy, embeds, pooled, bundle.latent_shape(bundle.resolution),
-                                  sigmas, common.shard([seed + i for i in range(len(picked))], args), args.local_batch_size,
+                                  sigmas, training.shard([seed + i for i in range(len(picked))], args), args.local_batch_size,
                                   args.noise_level, args.guidance, args.negative, None,
                                   args.train_bf16 if args.objective == "ppo" else args.sample_bf16)
     batch.update(prompts=prompts, routes=routes, embeds=embeds, pooled=pooled,
@@ -188,18 +190,18 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
             if ratio is not None:
                 ratio_min = torch.minimum(ratio_min, ratio.detach().min())
                 ratio_max = torch.maximum(ratio_max, ratio.detach().max())
-        sums = common.all_reduce(sums, args)
+        sums = training.all_reduce(sums, args)
         chunk_loss = sums[0].item() / chunk
         stats["loss"] += sums[0].item() / total
         stats["kl_anchor"] += sums[1].item() / total
         for t, kl_sum in zip(tasks, sums[2:].tolist()):
             stats[f"kl_teacher_{t}"] += kl_sum / batch["task_counts"][t]
-        stats["ratio_min"] = min(stats["ratio_min"], common.all_reduce(ratio_min, args, "min").item())
-        stats["ratio_max"] = max(stats["ratio_max"], common.all_reduce(ratio_max, args, "max").item())
+        stats["ratio_min"] = min(stats["ratio_min"], training.all_reduce(ratio_min, args, "min").item())
+        stats["ratio_max"] = max(stats["ratio_max"], training.all_reduce(ratio_max, args, "max").item())
         if not math.isfinite(chunk_loss):
             optimizer.zero_grad(set_to_none=True)
             return stats
-        common.optimizer_step(params, optimizer, args)
+        training.optimizer_step(params, optimizer, args)
         stats["updates"] += 1
     if args.objective == "pathwise":  # no policy ratio; and JSON has no infinity
         del stats["ratio_min"], stats["ratio_max"]
@@ -211,7 +213,7 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_model_arguments(p)  # --model, --device, --model-dtype, --gradient-checkpointing, --resolution, --lora-targets
+    training.add_model_arguments(p)  # --model, --device, --model-dtype, --gradient-checkpointing, --resolution, --lora-targets
     rewards.add_arguments(p)  # evaluation only: --pickscore-model, --geneval-url, --deqa-url, --eval-rewards
     p.add_argument("--teachers", required=True)  # task=peft_folder,... one frozen teacher per task (router targets)
     p.add_argument("--anchor", default="base")  # MAR anchor: "base" (adapters off) or a peft folder (quality teacher)
@@ -238,7 +240,7 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=1.0)  # gradient clipping (paper: 1.0)
     p.add_argument("--ema", type=float, default=0.9)  # EMA decay of the published adapter, per epoch
     p.add_argument("--eval-every", type=int, default=5)  # epochs between test evaluations + checkpoints (0: no evaluation)
-    p.add_argument("--eval-at", type=common.epoch_list, default=None)  # e.g. 4,8: evaluate only after these epochs (0 = start), checkpoint every epoch
+    p.add_argument("--eval-at", type=training.epoch_list, default=None)  # e.g. 4,8: evaluate only after these epochs (0 = start), checkpoint every epoch
     p.add_argument("--eval-steps", type=int, default=None)  # ODE steps at eval (default: the model's; paper: 40)
     p.add_argument("--eval-guidance", type=float, default=None)  # CFG at eval (default: the model's; paper: 4.5)
     p.add_argument("--max-bad-epochs", type=int, default=3)  # consecutive non-finite epochs before stopping
@@ -253,25 +255,26 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     teachers = common.parse_teachers(args.teachers)
+    toy_world.ensure_prompt_files(args.dataset)
     train_items = common.prompts_by_task(args.train_prompts, teachers, args.dataset, "train")
     test_items = [item for items in common.prompts_by_task(args.test_prompts, teachers, args.dataset, "test").values()
                   for item in items]
-    common.init_distributed(args)  # torchrun: one process per GPU (or CPU share), each on a shard of every batch
-    common.check_divisible(args, rollouts_per_epoch=args.rollouts_per_epoch, train_batch_size=args.train_batch_size)
+    training.init_distributed(args)  # torchrun: one process per GPU (or CPU share), each on a shard of every batch
+    training.check_divisible(args, rollouts_per_epoch=args.rollouts_per_epoch, train_batch_size=args.train_batch_size)
     args.local_batch_size = args.train_batch_size // args.world
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)  # the same on every process: they draw the same global batch
-    bundle = common.load_model_from_args(args)
+    bundle = training.load_model_from_args(args)
     score, eval_rewards = rewards.from_args(args, bundle)  # scorers run only at evaluation, never in training
-    common.sampling_defaults(args, bundle)
+    training.sampling_defaults(args, bundle)
 
-    policy = common.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha, args.init, args.lora_targets)
+    policy = training.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha, args.init, args.lora_targets)
     teacher_of, anchor_name = load_guides(policy, teachers, args.anchor)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
     def evaluate(png):
         return evaluation.evaluate_policy(bundle, policy, "ema", test_items, args.eval_steps, args.eval_guidance, png,
                                           score, eval_rewards, args.eval_bf16)
-    epoch, log = common.start_run(args, policy, optimizer, rng, evaluate)
+    epoch, log = training.start_run(args, policy, optimizer, rng, evaluate)
     bad_epochs = 0
     for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage3",
                       disable=args.rank > 0):
@@ -284,14 +287,14 @@ def main(argv=None):
         finite = math.isfinite(stats["loss"])
         bad_epochs = 0 if finite else bad_epochs + 1
         if finite:
-            common.update_ema(policy, args.ema)
+            training.update_ema(policy, args.ema)
         record = {"epoch": epoch, "trajectories": epoch * args.rollouts_per_epoch, "task": task or "mixed",
                   "seconds": time.time() - start, **stats, "skipped_update": not finite}
-        common.end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate)
+        training.end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate)
     if args.rank == 0:
         common.save_adapter(policy, "ema", os.path.join(args.out, "adapter"))
         print(f"wrote {args.out}/adapter (the EMA student, peft format)")
-    common.end_distributed(args)
+    training.end_distributed(args)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
 import stage1_grpo as stage1
 import stage2_coldstart as stage2
 import stage3_opd as stage3
+import training
 from test_stage1 import prompt_files as geneval_prompt_files, tiny_args  # noqa: F401 (a fixture)
 from test_stage3 import adapters, prompt_files, stage3_args  # noqa: F401 (fixtures)
 
@@ -94,4 +94,4 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # torchrun --nproc_per_node 2 on a one-GPU machine
     with pytest.raises(ValueError, match=r"process 1 of 2 on this machine has no GPU \(1 visible\)"):
-        common.init_distributed(argparse.Namespace(device="cuda"))
+        training.init_distributed(argparse.Namespace(device="cuda"))

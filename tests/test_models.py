@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import common
-import toy
+import training
+import toy_model
+import toy_world
+import eval as evaluation
 from conftest import SHIPPED_BASE
 
 
@@ -20,14 +23,14 @@ def _velocity(bundle, model=None, seed=0):
 
 
 def test_bundle_save_then_load_gives_identical_outputs(tiny_model_dir, tmp_path):
-    first = common.load_model(tiny_model_dir)
+    first = training.load_model(tiny_model_dir)
     transformer, text_encoder = first.transformer, None
     # write the loaded bundle's weights again and reload: same prompts, same outputs, bit for bit
     from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerFast
     text_encoder = CLIPTextModelWithProjection.from_pretrained(os.path.join(tiny_model_dir, "text_encoder"))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(tiny_model_dir, "tokenizer"))
-    toy.save_model(str(tmp_path / "copy"), transformer, text_encoder, tokenizer, first.scheduler)
-    second = common.load_model(str(tmp_path / "copy"))
+    toy_model.save_model(str(tmp_path / "copy"), transformer, text_encoder, tokenizer, first.scheduler)
+    second = training.load_model(str(tmp_path / "copy"))
     assert torch.equal(_velocity(first), _velocity(second))
     for a, b in zip(first.encode(["a photo of two squares"]), second.encode(["a photo of two squares"])):
         assert torch.equal(a, b)
@@ -35,29 +38,29 @@ def test_bundle_save_then_load_gives_identical_outputs(tiny_model_dir, tmp_path)
 
 def test_save_model_is_atomic_over_an_existing_folder(tiny_model_dir, tmp_path, monkeypatch):
     target = tmp_path / "model"
-    b = common.load_model(tiny_model_dir)
+    b = training.load_model(tiny_model_dir)
     from transformers import CLIPTextModelWithProjection
     text_encoder = CLIPTextModelWithProjection.from_pretrained(os.path.join(tiny_model_dir, "text_encoder"))
-    toy.save_model(str(target), b.transformer, text_encoder, toy.build_tokenizer(), b.scheduler)
+    toy_model.save_model(str(target), b.transformer, text_encoder, toy_model.build_tokenizer(), b.scheduler)
     before = sorted(os.listdir(target))
 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
     monkeypatch.setattr(b.scheduler, "save_pretrained", crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        toy.save_model(str(target), b.transformer, text_encoder, toy.build_tokenizer(), b.scheduler)
+        toy_model.save_model(str(target), b.transformer, text_encoder, toy_model.build_tokenizer(), b.scheduler)
     assert sorted(os.listdir(target)) == before
-    assert common.load_model(str(target)).kind == "miniature"
+    assert training.load_model(str(target)).kind == "miniature"
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
 
 
 @pytest.mark.skipif(not os.path.isdir(SHIPPED_BASE), reason="the shipped base model is not in this checkout")
 def test_shipped_base_loads_and_generates():
-    bundle = common.load_model(SHIPPED_BASE)
+    bundle = training.load_model(SHIPPED_BASE)
     assert bundle.kind == "miniature" and bundle.resolution == 64
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(SHIPPED_BASE) for f in fs)
     assert size <= 20 * 2**20
-    images = toy.sample_images(bundle, ["a photo of a red circle", 'a sign that says "K7"'], [0, 1], 6, 4.5)
+    images = evaluation.sample_images(bundle, ["a photo of a red circle", 'a sign that says "K7"'], [0, 1], 6, 4.5)
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
     assert images.std() > 0.1  # a picture, not a flat field
     with open(os.path.join(SHIPPED_BASE, "README.md")) as f:
@@ -67,9 +70,9 @@ def test_shipped_base_loads_and_generates():
 
 def test_unknown_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cannot load model .*expected a miniature model folder"):
-        common.load_model(str(tmp_path))
+        training.load_model(str(tmp_path))
     with pytest.raises(ValueError, match="cannot load model"):
-        common.load_model(str(tmp_path / "does" / "not" / "exist"))
+        training.load_model(str(tmp_path / "does" / "not" / "exist"))
 
 
 # ---------------------------------------------------------------------------------------------- LoRA
@@ -84,7 +87,7 @@ def _randomise(peft_model, name, seed):
 
 
 def test_lora_student_teachers_switching_disabling_and_saving(tiny_model_dir, tmp_path):
-    bundle = common.load_model(tiny_model_dir)
+    bundle = training.load_model(tiny_model_dir)
     base_v = _velocity(bundle)
     model = common.add_lora(bundle.transformer, rank=4, alpha=8)
     assert torch.equal(_velocity(bundle, model), base_v)  # fresh LoRA: B = 0
@@ -118,7 +121,7 @@ def test_lora_student_teachers_switching_disabling_and_saving(tiny_model_dir, tm
 
 
 def test_sd3_pipeline_folder_loads_as_a_bundle_and_samples(tiny_sd3_dir):
-    bundle = common.load_model(tiny_sd3_dir)
+    bundle = training.load_model(tiny_sd3_dir)
     assert bundle.kind == "sd3" and bundle.resolution == 16 and bundle.latent_shape(16) == (4, 8, 8)
     embeds, pooled = bundle.encode(["a photo of a red circle", ""])
     assert embeds.shape[0] == 2 and embeds.shape[-1] == 32 and pooled.shape == (2, 32)
@@ -130,26 +133,26 @@ def test_sd3_pipeline_folder_loads_as_a_bundle_and_samples(tiny_sd3_dir):
 
 
 def test_pca_latent_decodes_near_exactly_so_scorers_read_decoded_renders():
-    codec = toy.fit_pca_codec(n_images=512)
-    items = toy.test_items()
+    codec = toy_model.fit_pca_codec(n_images=512)
+    items = toy_world.test_items()
     rng = __import__("random").Random(1)
-    pixels = torch.from_numpy(np.stack([np.asarray(toy.render(p, m, rng)) for p, m in items]))
+    pixels = torch.from_numpy(np.stack([np.asarray(toy_world.render(p, m, rng)) for p, m in items]))
     pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
-    latents = common.pca_encode(pixels, codec)
+    latents = toy_model.pca_encode(pixels, codec)
     assert latents.shape == (len(items), 12, 16, 16)
     assert abs(latents.std().item() - 1) < 0.15  # about unit scale, like a VAE's scaling_factor
-    decoded = common.pixels_to_images(common.pca_decode(latents, codec))
-    scores = toy.score(decoded, [p for p, _ in items], [m for _, m in items])
+    decoded = toy_model.pixels_to_images(toy_model.pca_decode(latents, codec))
+    scores = toy_world.score(decoded, [p for p, _ in items], [m for _, m in items])
     assert np.nanmean(scores["geneval_strict"]) >= 0.95 and np.nanmean(scores["ocr"]) >= 0.95
     # exact on the span of the components: encode(decode(z)) == z
-    torch.testing.assert_close(common.pca_encode(common.pca_decode(latents, codec), codec), latents,
+    torch.testing.assert_close(toy_model.pca_encode(toy_model.pca_decode(latents, codec), codec), latents,
                                rtol=1e-4, atol=1e-4)
 
 
 def test_adapter_from_another_base_is_a_clear_error(tiny_model_dir, tiny_sd3_dir, tmp_path):
-    other = common.load_model(tiny_sd3_dir)
+    other = training.load_model(tiny_sd3_dir)
     other_model = common.add_lora(other.transformer, rank=4, alpha=8)
     common.save_adapter(other_model, "student", str(tmp_path / "sd3_adapter"))
-    model = common.add_lora(common.load_model(tiny_model_dir).transformer, rank=4, alpha=8)
+    model = common.add_lora(training.load_model(tiny_model_dir).transformer, rank=4, alpha=8)
     with pytest.raises(ValueError, match="does not fit this base model.*expected an adapter trained on this base"):
         common.load_adapter(model, str(tmp_path / "sd3_adapter"), "teacher")

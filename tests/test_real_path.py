@@ -14,6 +14,7 @@ import eval as evaluation
 import stage1_grpo
 import stage2_coldstart
 import stage3_opd
+import training
 
 HUB_ID = "jieliu/SD3.5M-FlowGRPO-GenEval"
 
@@ -33,7 +34,7 @@ def published_teacher(model_dir, folder, seed):
     """An adapter exactly as Flow-GRPO publishes its teachers: PeftModel.save_pretrained of a LoRA
     (Gaussian init, alpha = 2 r) on SD3's 8 joint-attention projections, B non-zero."""
     from peft import LoraConfig, get_peft_model
-    bundle = common.load_model(model_dir)
+    bundle = training.load_model(model_dir)
     config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=list(common.FLOW_GRPO_LORA_TARGETS))
     model = get_peft_model(bundle.transformer, config)
     generator = torch.Generator().manual_seed(seed)
@@ -92,12 +93,12 @@ def test_every_stage_and_eval_run_on_a_tiny_sd3_pipeline_with_a_published_teache
 
 
 def test_hub_id_teacher_equals_the_same_folder_loaded_by_path(tiny_sd3_dir, hub_cache):
-    bundle = common.load_model(tiny_sd3_dir)
+    bundle = training.load_model(tiny_sd3_dir)
     by_id = evaluation.load_adapters(bundle.transformer, [("teacher", HUB_ID)])
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     embeds, pooled = bundle.encode(["a photo of a circle", 'a sign that says "K7"'])
     v_id = common.velocity(by_id, x, 0.6, embeds, pooled)
-    other = common.load_model(tiny_sd3_dir)
+    other = training.load_model(tiny_sd3_dir)
     by_path = evaluation.load_adapters(other.transformer, [("teacher", hub_cache)])
     torch.testing.assert_close(v_id, common.velocity(by_path, x, 0.6, embeds, pooled), rtol=0, atol=0)
     with common.use_adapter(by_id, None):
@@ -116,14 +117,14 @@ def test_an_uncached_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_stage_adapter_loads_with_diffusers_load_lora_weights_and_gives_the_same_output(tiny_sd3_dir, tmp_path):
     from diffusers import StableDiffusion3Pipeline
-    bundle = common.load_model(tiny_sd3_dir)
-    policy = common.make_policy(bundle.transformer, 4, 8)
+    bundle = training.load_model(tiny_sd3_dir)
+    policy = training.make_policy(bundle.transformer, 4, 8)
     with torch.no_grad():
         for name, param in policy.named_parameters():
             if ".student." in name and "lora_B" in name:
                 param.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
     common.save_adapter(policy, "student", str(tmp_path / "adapter"))
-    ours = evaluation.load_adapters(common.load_model(tiny_sd3_dir).transformer, [("a", str(tmp_path / "adapter"))])
+    ours = evaluation.load_adapters(training.load_model(tiny_sd3_dir).transformer, [("a", str(tmp_path / "adapter"))])
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, text_encoder_3=None, tokenizer_3=None)
     base_latents = pipe("a red circle", num_inference_steps=3, guidance_scale=4.5, output_type="latent",
                         generator=torch.Generator().manual_seed(0), height=16, width=16).images
@@ -142,11 +143,11 @@ def test_stage_adapter_loads_with_diffusers_load_lora_weights_and_gives_the_same
 def test_gradient_checkpointing_changes_no_gradient(tiny_sd3_dir):
     grads = []
     for checkpointing in (False, True):
-        bundle = common.load_model(tiny_sd3_dir)
+        bundle = training.load_model(tiny_sd3_dir)
         if checkpointing:
             bundle.transformer.enable_gradient_checkpointing()
         torch.manual_seed(0)
-        policy = common.make_policy(bundle.transformer, 4, 8)
+        policy = training.make_policy(bundle.transformer, 4, 8)
         x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
         embeds, pooled = bundle.encode(["a photo of a circle", "two squares"])
         torch.manual_seed(2)

@@ -11,6 +11,8 @@ import torch
 import common
 import rewards
 import stage1_grpo as stage1
+import training
+import toy_world
 
 
 def test_group_advantages_per_prompt_mean_global_std():
@@ -53,22 +55,21 @@ def test_evaluation_schedule_every_k_or_at_named_epochs():
 
     def due(epochs=12, **kw):
         args = argparse.Namespace(epochs=epochs, **{"eval_every": 5, "eval_at": None, **kw})
-        return [e for e in range(epochs + 1) if common.evaluation_due(args, e)]
+        return [e for e in range(epochs + 1) if training.evaluation_due(args, e)]
     assert due() == [0, 5, 10, 12]  # every --eval-every epochs and the last
     assert due(eval_every=0) == []
-    assert due(eval_at=common.epoch_list("4,8")) == [4, 8]  # pipeline.py: the ends are eval.py's rows
-    assert due(eval_at=common.epoch_list("")) == []
+    assert due(eval_at=training.epoch_list("4,8")) == [4, 8]  # pipeline.py: the ends are eval.py's rows
+    assert due(eval_at=training.epoch_list("")) == []
     for bad in ("4;8", "-1"):
         with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
-            common.epoch_list(bad)
+            training.epoch_list(bad)
 
 
 @pytest.fixture(scope="module")
 def prompt_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("prompts")
     train, test = folder / "train_metadata.jsonl", folder / "test_metadata.jsonl"
-    import toy
-    items = toy.all_geneval_items("colors") + toy.all_geneval_items("counting")
+    items = toy_world.all_geneval_items("colors") + toy_world.all_geneval_items("counting")
     random.Random(0).shuffle(items)
     train.write_text("".join(json.dumps(m) + "\n" for m in items[:12]))
     test.write_text("".join(json.dumps(m) + "\n" for m in items[12:16]))
@@ -87,7 +88,7 @@ def tiny_epoch_setup(model_dir, prompt_files, out):
     args = stage1.parse_args(tiny_args(model_dir, prompt_files, out))
     args.rewards = stage1.parse_rewards(args.reward)
     args.rank, args.world, args.local_batch_size = 0, 1, args.train_batch_size
-    bundle = common.load_model_from_args(args)
+    bundle = training.load_model_from_args(args)
     args.score, args.eval_rewards = rewards.from_args(args, bundle)
     args.guidance, args.eval_guidance, args.eval_steps = 4.5, 4.5, 2
     args.negative = bundle.encode([""])
@@ -197,10 +198,10 @@ def test_sde_window_shares_a_group_start_and_trains_only_window_steps(tiny_model
     args = stage1.parse_args(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--sde-window", "1", "--steps", "4"))
     args.rewards = stage1.parse_rewards(args.reward)
     args.rank, args.world, args.local_batch_size = 0, 1, args.train_batch_size
-    bundle = common.load_model_from_args(args)
+    bundle = training.load_model_from_args(args)
     args.score, args.eval_rewards = rewards.from_args(args, bundle)
     args.guidance, args.negative = 4.5, bundle.encode([""])
-    policy = common.make_policy(bundle.transformer, 4, 8)
+    policy = training.make_policy(bundle.transformer, 4, 8)
     batch = stage1.sample_epoch(policy, bundle, common.load_prompts(prompt_files[0]), args.rewards, args,
                                 random.Random(0), seed=0)
     (j,) = batch["trained_steps"]
@@ -245,8 +246,8 @@ def test_nft_epoch_fits_the_velocity_of_its_guidance(tiny_model_dir, guidance):
     mean (v_old - u)^2 whatever r: the logged loss is the error of the velocity fitted, the CFG one
     with --nft-guidance w (a conditional-only fit gives another number on this random model)."""
     import argparse
-    bundle = common.load_model(tiny_model_dir)
-    policy = common.make_policy(bundle.transformer, rank=4, alpha=8)
+    bundle = training.load_model(tiny_model_dir)
+    policy = training.make_policy(bundle.transformer, rank=4, alpha=8)
     policy.add_adapter("old", policy.peft_config["student"])
     common.freeze_all_but(policy, "student")
     embeds, pooled = bundle.encode(["a red circle", "a blue square"])

@@ -11,13 +11,14 @@ import torch
 import common
 import stage2_coldstart as stage2
 import stage3_opd as stage3
-import toy
+import training
+import toy_world
 
 
 def random_adapter(model_dir, folder, seed, rank=4, targets=("to_q", "to_k", "to_v", "to_out.0")):
     """A peft folder with random A and B (a 'trained' adapter) on the tiny base."""
     torch.manual_seed(seed)
-    bundle = common.load_model(model_dir)
+    bundle = training.load_model(model_dir)
     peft = common.add_lora(bundle.transformer, rank, 2 * rank, targets)
     with torch.no_grad():
         for name, param in peft.named_parameters():
@@ -41,12 +42,12 @@ def adapters(tiny_model_dir, tmp_path_factory):
 def prompt_files(tmp_path_factory):
     """{"train": "geneval.jsonl,ocr.txt", "test": ...}: small prompt files of both tasks."""
     folder = tmp_path_factory.mktemp("prompts")
-    items = toy.all_geneval_items("colors") + toy.all_geneval_items("position")
+    items = toy_world.all_geneval_items("colors") + toy_world.all_geneval_items("position")
     random.Random(0).shuffle(items)
     files = {}
     for split, part, words in (("train", items[:12], ("AB", "KEY", "TEA", "RED")), ("test", items[12:14], ("AB", "YE"))):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(m) + "\n" for m in part))
-        (folder / f"{split}.txt").write_text("".join(toy.ocr_prompt(w) + "\n" for w in words))
+        (folder / f"{split}.txt").write_text("".join(toy_world.ocr_prompt(w) + "\n" for w in words))
         files[split] = f"{folder / f'{split}.jsonl'},{folder / f'{split}.txt'}"
     return files
 
@@ -59,13 +60,13 @@ def delta_weights(peft, adapter):
 
 def merged_deltas(tiny_model_dir, folder):
     from peft import PeftModel
-    bundle = common.load_model(tiny_model_dir)
+    bundle = training.load_model(tiny_model_dir)
     return delta_weights(PeftModel.from_pretrained(bundle.transformer, folder, adapter_name="m"), "m")
 
 
 def teacher_deltas(tiny_model_dir, adapters, weights):
     from peft import PeftModel
-    bundle = common.load_model(tiny_model_dir)
+    bundle = training.load_model(tiny_model_dir)
     peft = PeftModel.from_pretrained(bundle.transformer, adapters["geneval"], adapter_name="geneval")
     common.load_adapter(peft, adapters["ocr"], "ocr")
     g, o = delta_weights(peft, "geneval"), delta_weights(peft, "ocr")
@@ -110,8 +111,8 @@ def test_sft_cold_start_trains_a_student_stage3_can_start_from(tiny_model_dir, a
                  "--train-steps", "3", "--batch-size", "4", "--out", str(tmp_path / "sft")])
     log = [json.loads(line) for line in open(tmp_path / "sft" / "log.jsonl")]
     assert len(log) == 3 and all(r["loss"] > 0 for r in log)
-    bundle = common.load_model(tiny_model_dir)
-    policy = common.make_policy(bundle.transformer, init=str(tmp_path / "sft" / "adapter"))
+    bundle = training.load_model(tiny_model_dir)
+    policy = training.make_policy(bundle.transformer, init=str(tmp_path / "sft" / "adapter"))
     assert any(p.requires_grad for n, p in policy.named_parameters() if ".student." in n)
 
 
@@ -123,8 +124,8 @@ def stage3_args(model_dir, adapters, prompt_files, out, *extra):
 
 
 def setup_policy(model_dir, adapters, anchor, bf16=False):
-    bundle = common.load_model(model_dir)
-    policy = common.make_policy(bundle.transformer, 4, 8)
+    bundle = training.load_model(model_dir)
+    policy = training.make_policy(bundle.transformer, 4, 8)
     teacher_of, anchor_name = stage3.load_guides(policy, {"geneval": adapters["geneval"], "ocr": adapters["ocr"]}, anchor)
     args = types.SimpleNamespace(train_batch_size=4, mar_lambda=0.04, guidance=4.5, negative=bundle.encode([""]),
                                  train_bf16=bf16, sample_bf16=bf16, rank=0, world=1, local_batch_size=4, steps=3, noise_level=0.7, resolution=None, objective="pathwise",

@@ -6,23 +6,24 @@ import numpy as np
 import pytest
 
 import common
-import toy
+import toy_model
+import toy_world
 
 
 @pytest.fixture(scope="module")
 def test_split():
-    return toy.test_items()
+    return toy_world.test_items()
 
 
 def renders(items, seed=0):
     rng = random.Random(seed)
-    return [toy.render(p, m, rng) for p, m in items]
+    return [toy_world.render(p, m, rng) for p, m in items]
 
 
 def test_ground_truth_renders_score_high_on_geneval_and_ocr(test_split):
     items = test_split * 2
     images = renders(items)
-    scores = toy.score(images, [p for p, _ in items], [m for _, m in items])
+    scores = toy_world.score(images, [p for p, _ in items], [m for _, m in items])
     geneval = ~np.isnan(scores["geneval"])
     assert geneval.sum() == 192 and np.isnan(scores["geneval"][~geneval]).all()
     assert scores["geneval_strict"][geneval].mean() >= 0.95
@@ -34,8 +35,8 @@ def test_ground_truth_renders_score_high_on_geneval_and_ocr(test_split):
 def _score_as(rendered_prompt, scored_prompt, seed=0):
     """The scores of a correct render of one prompt when it is judged as another."""
     rng = random.Random(seed)
-    images = [toy.render(rendered_prompt, None, rng) for _ in range(8)]
-    return toy.score(images, [scored_prompt] * 8)
+    images = [toy_world.render(rendered_prompt, None, rng) for _ in range(8)]
+    return toy_world.score(images, [scored_prompt] * 8)
 
 
 @pytest.mark.parametrize("rendered, asked", [
@@ -61,18 +62,18 @@ def test_wrong_text_scores_low_on_ocr():
 
 
 def test_ocr_reward_formula():
-    assert toy.ocr_reward("hello K7 there", 'a sign that says "k 7"') == 1.0  # substring, case/space-free
-    assert toy.ocr_reward("K8", 'a sign that says "K7"') == 0.5
-    assert toy.ocr_reward("", 'a sign that says "K7X"') == 0.0
-    assert toy.ocr_reward("ABCDEFG", 'a sign that says "X"') == 0.0  # distance capped at len(target)
+    assert toy_world.ocr_reward("hello K7 there", 'a sign that says "k 7"') == 1.0  # substring, case/space-free
+    assert toy_world.ocr_reward("K8", 'a sign that says "K7"') == 0.5
+    assert toy_world.ocr_reward("", 'a sign that says "K7X"') == 0.0
+    assert toy_world.ocr_reward("ABCDEFG", 'a sign that says "X"') == 0.0  # distance capped at len(target)
 
 
 def test_quality_prefers_clean_scenes_to_noise_blur_and_blank():
-    image = np.asarray(toy.render("a photo of a red circle and a blue square", None, random.Random(0)))
+    image = np.asarray(toy_world.render("a photo of a red circle and a blue square", None, random.Random(0)))
     noisy = np.clip(image + np.random.default_rng(0).normal(0, 40, image.shape), 0, 255).astype(np.uint8)
     muddy = (0.5 * image + 0.5 * 128).astype(np.uint8)
     blank = np.full_like(image, 255)
-    clean, noise, mud, empty = toy.score(np.stack([image, noisy, muddy, blank]), ["a photo of a circle"] * 4,
+    clean, noise, mud, empty = toy_world.score(np.stack([image, noisy, muddy, blank]), ["a photo of a circle"] * 4,
                                          names=("quality",))["quality"]
     assert clean > 0.9 and noise < 0.7 * clean and mud < 0.5 * clean and empty == 0
 
@@ -80,9 +81,9 @@ def test_quality_prefers_clean_scenes_to_noise_blur_and_blank():
 def test_score_rejects_unknown_reward_and_length_mismatch():
     images = np.zeros((2, 64, 64, 3), np.uint8)
     with pytest.raises(ValueError, match="unknown reward 'aesthetic'"):
-        toy.score(images, ["a", "b"], names=("aesthetic",))
+        toy_world.score(images, ["a", "b"], names=("aesthetic",))
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
-        toy.score(images, ["a"])
+        toy_world.score(images, ["a"])
 
 
 def test_router_on_a_mixed_list():
@@ -96,13 +97,13 @@ def test_router_on_a_mixed_list():
 
 
 def test_prompt_files_are_deterministic_and_hold_out_test_compositions(tmp_path):
-    paths = toy.write_prompt_files(str(tmp_path / "a"))
-    again = toy.write_prompt_files(str(tmp_path / "b"))
+    paths = toy_world.write_prompt_files(str(tmp_path / "a"))
+    again = toy_world.write_prompt_files(str(tmp_path / "b"))
     for key in paths:
         assert open(paths[key]).read() == open(again[key]).read()
     train = common.load_prompts(paths["geneval_train"])
     test = common.load_prompts(paths["geneval_test"])
-    assert len(test) == 96 and {m["tag"] for _, m in test} == set(toy.GENEVAL_TAGS)
+    assert len(test) == 96 and {m["tag"] for _, m in test} == set(toy_world.GENEVAL_TAGS)
     assert all(set(m) >= {"tag", "include", "prompt"} for _, m in train + test)
     train_prompts = {p for p, _ in train}
     for tag in ("colors", "position", "color_attr"):
@@ -111,10 +112,10 @@ def test_prompt_files_are_deterministic_and_hold_out_test_compositions(tmp_path)
     ocr_test = [p for p, _ in common.load_prompts(paths["ocr_test"])]
     assert len(ocr_test) == 64 and not set(ocr_test) & ocr_train
     assert all(common.route(p, None, {"geneval", "ocr"}) == "ocr" for p in ocr_test)
-    held = toy.held_out_prompts()
+    held = toy_world.held_out_prompts()
     rng = random.Random(0)
     for _ in range(20):
-        prompts, images = toy.pretraining_batch(rng, 16, held)
+        prompts, images = toy_model.pretraining_batch(rng, 16, held)
         assert not set(prompts) & held and images.shape == (16, 64, 64, 3)
 
 
@@ -135,12 +136,12 @@ def test_malformed_or_missing_prompt_file_is_a_clear_error(tmp_path):
 
 
 def test_tokenizer_covers_every_prompt_in_at_most_16_tokens():
-    tokenizer = toy.build_tokenizer()
+    tokenizer = toy_model.build_tokenizer()
     unk = tokenizer.convert_tokens_to_ids("[UNK]")
-    prompts = [m["prompt"] for tag in toy.GENEVAL_TAGS for m in toy.all_geneval_items(tag)]
-    prompts += [toy.ocr_prompt("K7X"), toy.ocr_prompt("A"), ""]
+    prompts = [m["prompt"] for tag in toy_world.GENEVAL_TAGS for m in toy_world.all_geneval_items(tag)]
+    prompts += [toy_world.ocr_prompt("K7X"), toy_world.ocr_prompt("A"), ""]
     for prompt in prompts:
         ids = tokenizer(prompt).input_ids
-        assert len(ids) <= toy.MAX_TOKENS and unk not in ids, prompt
-    assert tokenizer.convert_ids_to_tokens(tokenizer(toy.ocr_prompt("K7X")).input_ids)[-6:] == \
+        assert len(ids) <= toy_model.MAX_TOKENS and unk not in ids, prompt
+    assert tokenizer.convert_ids_to_tokens(tokenizer(toy_world.ocr_prompt("K7X")).input_ids)[-6:] == \
         ['"', "K", "7", "X", '"', "[EOS]"]

@@ -1,4 +1,4 @@
-"""Benchmarks (measured, never asserted by tests). Results are merged into BENCHMARKS.json (read by
+r"""Benchmarks (measured, never asserted by tests). Results are merged into BENCHMARKS.json (read by
 other tools) and BENCHMARKS.md is rewritten from it.
 
     python bench.py peak      # the machine's bf16 / fp32 matmul peak (GFLOP/s)
@@ -507,8 +507,9 @@ def write_markdown(results):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["peak", "sd35m", "sd35m-gpu", "loops", "modes", "sampler", "overheads",
-                                    "pipeline", "sd35m-worker"])  # which benchmark
-    p.add_argument("worker_args", nargs="*")  # internal: layout, resolution, checkpointing, prompts, device of one worker
+                                    "pipeline", "sd35m-worker"], help="which benchmark (see above)")
+    p.add_argument("worker_args", nargs="*",
+                   help="internal: layout, resolution, checkpointing, prompts, device of one worker")
     args = p.parse_args(argv)
     if args.what == "sd35m-worker":
         layout, resolution, checkpointing, prompts, device = args.worker_args
@@ -536,4 +537,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    training.run_cli(main)

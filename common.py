@@ -256,14 +256,14 @@ def load_prompts(path):
                 try:
                     meta = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}); expected one JSON object per line") from None
+                    raise UserError(f"{path}:{number}: not valid JSON ({err.msg}); expected one JSON object per line") from None
                 if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str):
-                    raise ValueError(f"{path}:{number}: expected a JSON object with a string \"prompt\", got {line.strip()[:80]!r}")
+                    raise UserError(f"{path}:{number}: expected a JSON object with a string \"prompt\", got {line.strip()[:80]!r}")
                 items.append((meta["prompt"], meta))
             else:
                 items.append((line.strip(), None))
     if not items:
-        raise ValueError(f"prompt file {path!r} holds no prompts")
+        raise UserError(f"prompt file {path!r} holds no prompts")
     return items
 
 
@@ -277,7 +277,7 @@ def prompts_by_task(files, tasks, dataset, split):
     `tasks`, or a task left with no prompt, is an error now rather than mid-run."""
     unknown = [t for t in tasks if t not in DEFAULT_PROMPT_FILES]
     if not files and unknown:
-        raise ValueError(f"no default prompt files for task(s) {unknown}; pass the prompt files explicitly")
+        raise UserError(f"no default prompt files for task(s) {unknown}; pass the prompt files explicitly")
     paths = files.split(",") if files else [os.path.join(dataset, DEFAULT_PROMPT_FILES[t][split]) for t in tasks]
     grouped = {task: [] for task in tasks}
     for prompt, meta in (item for path in paths for item in load_prompts(path)):
@@ -287,7 +287,7 @@ def prompts_by_task(files, tasks, dataset, split):
             raise UserError(f"{err} (in {paths})") from None
     empty = [task for task, items in grouped.items() if not items]
     if empty:
-        raise ValueError(f"no {split} prompt routes to task(s) {empty}; expected prompts of every task in {paths}")
+        raise UserError(f"no {split} prompt routes to task(s) {empty}; expected prompts of every task in {paths}")
     return grouped
 
 
@@ -419,7 +419,7 @@ def check_adapter_fits(peft_model, folder):
             size, expected = (shape[1], "in_features") if match.group(2) == "A" else (shape[0], "out_features")
             if layer is None or getattr(layer, expected, None) != size:
                 found = "no such layer" if layer is None else f"{expected}={getattr(layer, expected, None)}"
-                raise ValueError(f"adapter {str(folder)!r} does not fit this base model: {key} has {expected}={size} "
+                raise UserError(f"adapter {str(folder)!r} does not fit this base model: {key} has {expected}={size} "
                                  f"but the base has {found}; expected an adapter trained on this base")
 
 
@@ -430,13 +430,13 @@ def parse_teachers(text):
         task, sep, path = part.partition("=")
         path = resolve_adapter(path) if path else path
         if not sep or not task or not path:
-            raise ValueError(f"cannot parse {part!r} in --teachers {text!r}; expected task=peft_folder,task=peft_folder")
+            raise UserError(f"cannot parse {part!r} in --teachers {text!r}; expected task=peft_folder,task=peft_folder")
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise FileNotFoundError(f"teacher {task!r}: adapter folder {path!r} has no adapter_config.json; expected a "
                                     f"peft folder such as runs/teacher-{task}/adapter")
         teachers[task] = path
     if not teachers:
-        raise ValueError("--teachers is empty; expected task=peft_folder,...")
+        raise UserError("--teachers is empty; expected task=peft_folder,...")
     return teachers
 
 
@@ -455,7 +455,7 @@ def check_same_layout(adapters):
     first = next(iter(layouts))
     for name, layout in layouts.items():
         if layout != layouts[first]:
-            raise ValueError(f"adapter {name!r} ({adapters[name]}) has rank/alpha/targets {layout}, but {first!r} "
+            raise UserError(f"adapter {name!r} ({adapters[name]}) has rank/alpha/targets {layout}, but {first!r} "
                              f"({adapters[first]}) has {layouts[first]}; expected teachers of one LoRA layout")
 
 

@@ -7,7 +7,6 @@ Deterministic ODE (noise 0) at the model's eval step count and guidance. Writes 
 row per model: per-task scores, GenEval per-category accuracy), OUT/table.md and OUT/grid.png (one
 column per model, the same prompts and seeds in every column).
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -70,7 +69,7 @@ def parse_adapters(text):
         name, _, path = part.rpartition("=")
         name = name or os.path.basename(os.path.normpath(os.path.dirname(path) if path.endswith("adapter") else path))
         if "." in name:  # torch module names (peft adapter names) cannot hold a dot
-            raise ValueError(f"row name {name!r} in --adapters has a '.'; expected a name without dots, e.g. "
+            raise common.UserError(f"row name {name!r} in --adapters has a '.'; expected a name without dots, e.g. "
                              f"{name.replace('.', '-')!r}")
         path = common.resolve_adapter(path)  # a hub id (e.g. a published Flow-GRPO teacher) -> its cached folder
         if not os.path.isdir(path):
@@ -120,21 +119,23 @@ def markdown_table(rows, columns):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = training.parser(__doc__)
     training.add_model_arguments(p)  # --model, --device, --model-dtype, --resolution (others unused here)
     rewards.add_arguments(p)  # --eval-rewards (default: the world's columns), --pickscore-model, --geneval-url, ...
-    p.add_argument("--adapters", default="")  # name=peft_folder,...; a row "base" (no adapter) comes first
-    p.add_argument("--no-base-row", action="store_true")  # leave the base model's row out
-    p.add_argument("--test-prompts", default="dataset/geneval/test_metadata.jsonl,dataset/ocr/test.txt")  # files
-    p.add_argument("--steps", type=int, default=None)  # ODE steps (default: the model's; paper: 40)
-    p.add_argument("--guidance", type=float, default=None)  # CFG (default: the model's; paper: 4.5)
-    p.add_argument("--seed", type=int, default=0)  # prompt i uses seed + i in every row
-    p.add_argument("--samples-per-prompt", type=int, default=1)  # K: sample k of prompt i uses seed + i + k * (number of prompts)
-    p.add_argument("--grid-prompts", type=int, default=16)  # prompts shown in the grid (spread over the split)
-    p.add_argument("--out", default="results/eval")  # output folder
+    p.add_argument("--adapters", default="", help='name=peft_folder,...; a row "base" (no adapter) comes first')
+    p.add_argument("--no-base-row", action="store_true", help="leave the base model's row out")
+    p.add_argument("--test-prompts", default="dataset/geneval/test_metadata.jsonl,dataset/ocr/test.txt", help="files")
+    p.add_argument("--steps", type=training.positive_int, default=None,
+                   help="ODE steps (default: the model's; paper: 40)")
+    p.add_argument("--guidance", type=training.nonnegative_float, default=None,
+                   help="CFG (default: the model's; paper: 4.5)")
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i in every row")
+    p.add_argument("--samples-per-prompt", type=training.positive_int, default=1,
+                   help="K: sample k of prompt i uses seed + i + k * (number of prompts)")
+    p.add_argument("--grid-prompts", type=training.positive_int, default=16,
+                   help="prompts shown in the grid (spread over the split)")
+    p.add_argument("--out", default="results/eval", help="output folder")
     args = p.parse_args(argv)
-    if args.samples_per_prompt < 1:
-        raise ValueError(f"--samples-per-prompt {args.samples_per_prompt} is not a positive number of samples per prompt")
     adapters = parse_adapters(args.adapters)
     files = args.test_prompts.split(",")
     if args.test_prompts == p.get_default("test_prompts") and not all(os.path.isfile(f) for f in files):
@@ -173,4 +174,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    training.run_cli(main)

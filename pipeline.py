@@ -16,7 +16,6 @@ Writes OUT/table.md, OUT/table.json, OUT/grid.png (one column per model), OUT/cu
 against sampled trajectories, GRPO-Mix vs Flow-OPD), OUT/adapters/<row>/, OUT/logs/ (every step's
 log.jsonl) and OUT/commands.sh.
 """
-import argparse
 import json
 import os
 import shutil
@@ -142,11 +141,11 @@ def curve_png(runs, table, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")  # tiny budgets: a smoke test of every step (CI runs it)
-    p.add_argument("--model", default="miniature/base")  # the base model
-    p.add_argument("--out", default=None)  # results folder (default: results/, or results-quick/ with --quick)
-    p.add_argument("--runs", default=None)  # run folders (default: runs/, or runs-quick/ with --quick)
+    p = training.parser(__doc__)
+    p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test of every step (CI runs it)")
+    p.add_argument("--model", default="miniature/base", help="the base model")
+    p.add_argument("--out", default=None, help="results folder (default: results/, or results-quick/ with --quick)")
+    p.add_argument("--runs", default=None, help="run folders (default: runs/, or runs-quick/ with --quick)")
     args = p.parse_args(argv)
     out = args.out or ("results-quick" if args.quick else "results")
     runs = args.runs or ("runs-quick" if args.quick else "runs")
@@ -191,4 +190,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    training.run_cli(main)

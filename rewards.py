@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+import common
 import toy_world
+import training
 
 NAMES = ("geneval", "ocr", "quality", "pickscore", "deqa")
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"                   # the paper's PickScore weights
@@ -33,13 +35,16 @@ PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"    # its processor
 
 def add_arguments(p):
     """The reward flags shared by the stages and eval.py."""
-    p.add_argument("--pickscore-model", default=PICKSCORE_MODEL)  # CLIPModel folder or hub id
-    p.add_argument("--pickscore-processor", default=PICKSCORE_PROCESSOR)  # its AutoProcessor folder or hub id
-    p.add_argument("--geneval-url", default=None)  # flow_grpo GenEval reward server, e.g. http://127.0.0.1:18085
-    p.add_argument("--deqa-url", default=None)  # flow_grpo DeQA reward server, e.g. http://127.0.0.1:18086
-    p.add_argument("--reward-timeout", type=float, default=120.0)  # seconds per reward-server request
-    p.add_argument("--reward-retries", type=int, default=3)  # retries of a failed request (then a clear error)
-    p.add_argument("--eval-rewards", default=None)  # rewards of the test evaluation (default: the world's, see eval_names)
+    p.add_argument("--pickscore-model", default=PICKSCORE_MODEL, help="CLIPModel folder or hub id")
+    p.add_argument("--pickscore-processor", default=PICKSCORE_PROCESSOR, help="its AutoProcessor folder or hub id")
+    p.add_argument("--geneval-url", default=None, help="flow_grpo GenEval reward server, e.g. http://127.0.0.1:18085")
+    p.add_argument("--deqa-url", default=None, help="flow_grpo DeQA reward server, e.g. http://127.0.0.1:18086")
+    p.add_argument("--reward-timeout", type=training.positive_float, default=120.0,
+                   help="seconds per reward-server request")
+    p.add_argument("--reward-retries", type=training.nonnegative_int, default=3,
+                   help="retries of a failed request (then a clear error)")
+    p.add_argument("--eval-rewards", default=None,
+                   help="rewards of the test evaluation (default: the world's, see eval_names)")
 
 
 def from_args(args, bundle):
@@ -62,7 +67,7 @@ def eval_names(args, bundle):
 def check_names(names, where="--reward"):
     unknown = [n for n in names if n not in NAMES]
     if unknown:
-        raise ValueError(f"unknown reward {unknown[0]!r} in {where}; expected names from {list(NAMES)}")
+        raise common.UserError(f"unknown reward {unknown[0]!r} in {where}; expected names from {list(NAMES)}")
 
 
 def make_scorer(args, bundle):
@@ -77,7 +82,7 @@ def make_scorer(args, bundle):
             elif name in ("geneval", "deqa"):
                 url = getattr(args, f"{name}_url")
                 if url is None:
-                    raise ValueError(f"reward {name!r} on real images needs --{name}-url (a flow_grpo reward server)")
+                    raise common.UserError(f"reward {name!r} on real images needs --{name}-url (a flow_grpo reward server)")
                 post = server_client(url, args.reward_timeout, args.reward_retries)
                 loaded[name] = geneval_server_scorer(post) if name == "geneval" else deqa_server_scorer(post)
         return loaded[name]
@@ -91,7 +96,7 @@ def make_scorer(args, bundle):
         out = toy_world.score(images, prompts, metadata, names=local) if local else {}  # one pass for all of them
         for name in (n for n in names if n not in local):
             if name == "quality":
-                raise ValueError("reward 'quality' is the miniature world's flat-colour score; on real images use 'deqa'")
+                raise common.UserError("reward 'quality' is the miniature world's flat-colour score; on real images use 'deqa'")
             out.update({"ocr": ocr_rewards(images, prompts)} if name == "ocr" else scorer(name)(images, prompts, metadata))
         return out
     return score
@@ -151,7 +156,7 @@ def server_client(url, timeout=120.0, retries=3, backoff=1.0):
     """post(dict) -> dict with flow_grpo's pickle protocol. A connection error, timeout or 5xx is retried
     `retries` times with exponential backoff, then raises a clear error; a 4xx fails at once."""
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"reward server URL {url!r} must start with http:// or https://")
+        raise common.UserError(f"reward server URL {url!r} must start with http:// or https://")
     opener = urllib.request.build_opener(_RefuseRedirects)
 
     def post(payload):
@@ -166,12 +171,12 @@ def server_client(url, timeout=120.0, retries=3, backoff=1.0):
                     return pickle.loads(response.read())
             except urllib.error.HTTPError as err:
                 if err.code < 500:
-                    raise RuntimeError(f"reward server {url} answered HTTP {err.code} ({err.reason}); expected a "
+                    raise common.UserError(f"reward server {url} answered HTTP {err.code} ({err.reason}); expected a "
                                        f"flow_grpo reward server at this URL") from None
                 last = f"HTTP {err.code} ({err.reason})"
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
                 last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
-        raise RuntimeError(f"reward server {url} failed {retries + 1} times (last: {last}); is the server running "
+        raise common.UserError(f"reward server {url} failed {retries + 1} times (last: {last}); is the server running "
                            f"and reachable? (timeout {timeout} s per request, --reward-timeout/--reward-retries)")
     return post
 
@@ -219,5 +224,5 @@ def checked(answer, key, n):
         values = None
     if values is None or len(values) != n:
         got = sorted(answer) if isinstance(answer, dict) else type(answer).__name__
-        raise RuntimeError(f"reward server answer has no {n} numbers under {key!r} (got {got}); expected flow_grpo's protocol")
+        raise common.UserError(f"reward server answer has no {n} numbers under {key!r} (got {got}); expected flow_grpo's protocol")
     return values

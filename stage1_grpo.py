@@ -1,4 +1,4 @@
-"""Stage 1: single-reward GRPO teachers (Flow-GRPO, METHOD.md M1-M2) and the GRPO-Mix baseline.
+r"""Stage 1: single-reward GRPO teachers (Flow-GRPO, METHOD.md M1-M2) and the GRPO-Mix baseline.
 
     python stage1_grpo.py --reward geneval --out runs/teacher-geneval
     python stage1_grpo.py --reward ocr --out runs/teacher-ocr
@@ -14,7 +14,6 @@ model (the adapter disabled); or, with --objective nft, DiffusionNFT's flow-matc
 images weighted by the same advantages (README). Defaults train a miniature teacher in minutes on a 2-core
 CPU; the paper's SD3.5-M settings are given next to each flag.
 """
-import argparse
 import math
 import os
 import random
@@ -43,10 +42,10 @@ def parse_rewards(text):
         try:
             weights[name] = float(weight) if weight else 1.0
         except ValueError:
-            raise ValueError(f"reward weight {weight!r} of {name!r} in --reward {text!r} is not a number; "
+            raise common.UserError(f"reward weight {weight!r} of {name!r} in --reward {text!r} is not a number; "
                              f"expected e.g. 'geneval=0.5,ocr=0.5'") from None
         if not math.isfinite(weights[name]):
-            raise ValueError(f"reward weight of {name!r} in --reward {text!r} is not finite")
+            raise common.UserError(f"reward weight of {name!r} in --reward {text!r} is not finite")
     return weights
 
 
@@ -281,46 +280,56 @@ def prompt_files(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = training.parser(__doc__)
     training.add_model_arguments(p)  # --model, --device, --model-dtype, --gradient-checkpointing, --resolution, --lora-targets
     rewards.add_arguments(p)  # --pickscore-model, --geneval-url, --deqa-url, ... (the real world's scorers)
-    p.add_argument("--reward", default="geneval")  # one reward = a teacher; name=w,name=w = GRPO-Mix
-    p.add_argument("--mix", choices=["sum", "advantage", "alternate"], default="sum")  # GRPO-Mix rule
-    p.add_argument("--objective", choices=["grpo", "nft"], default="grpo")  # Flow-GRPO (paper), or DiffusionNFT on the same rewards and advantages
-    p.add_argument("--nft-beta", type=float)  # NFT: step of the implicit positive/negative policies (default 1)
-    p.add_argument("--nft-times", type=int)  # NFT: noise levels per image per epoch, one update chunk each (default 1)
-    p.add_argument("--nft-shift", type=float)  # NFT: time shift of its logit-normal training times (default: the sampler's; 1 = centred, more low-noise detail)
-    p.add_argument("--nft-guidance", type=float)  # NFT: CFG of the fitted velocity (default 1: the conditional one, DiffusionNFT's; = --guidance: the sampled policy's)
-    p.add_argument("--nft-old-decay", type=float)  # NFT: eta of the sampling policy's soft update old <- eta old + (1 - eta) student (default 0: the student; DiffusionNFT ramps to 0.5)
-    p.add_argument("--nft-old-ramp", type=int)  # NFT: epochs over which that eta rises from 0 (default 0: no ramp)
-    p.add_argument("--train-prompts", default=None)  # comma-separated prompt files (default: by reward)
-    p.add_argument("--test-prompts", default=None)  # comma-separated prompt files (default: by reward)
-    p.add_argument("--dataset", default="dataset")  # folder of the default prompt files
-    p.add_argument("--out", required=True)  # run folder: log, grids, checkpoint, final adapter
-    p.add_argument("--epochs", type=int, default=20)  # sampling/training epochs
-    p.add_argument("--prompts-per-epoch", type=int, default=8)  # M (paper: 48 per GPU x 8 GPUs / G)
-    p.add_argument("--group-size", type=int, default=8)  # G rollouts per prompt (paper: 24)
-    p.add_argument("--steps", type=int, default=10)  # SDE steps per rollout (paper: 10)
-    p.add_argument("--noise-level", type=float, default=0.7)  # a of M1 (paper: 0.7)
-    p.add_argument("--sde-window", type=int, default=0)  # K > 0: only K SDE (trained) steps, Flow-GRPO-Fast (paper: 0)
-    p.add_argument("--guidance", type=float, default=None)  # CFG of rollouts and training (paper: 4.5)
-    p.add_argument("--clip-range", type=float, default=1e-4)  # PPO epsilon, mean-over-dims units (paper: 1e-4)
-    p.add_argument("--adv-clip", type=float, default=5.0)  # advantage clamp (paper: 5)
-    p.add_argument("--beta", type=float, default=0.04)  # KL-to-base weight (paper: 0.04)
-    p.add_argument("--kl-weighting", choices=["paper", "code"], default="code")  # M3 units of beta
-    p.add_argument("--lr", type=float, default=3e-4)  # AdamW learning rate (paper: 3e-4)
-    p.add_argument("--lora-rank", type=int, default=32)  # LoRA rank (paper: 32)
-    p.add_argument("--lora-alpha", type=int, default=64)  # LoRA alpha (paper: 64)
-    p.add_argument("--train-batch-size", type=int, default=32)  # trajectories per backward chunk
-    p.add_argument("--max-grad-norm", type=float, default=1.0)  # gradient clipping (paper: 1.0)
-    p.add_argument("--ema", type=float, default=0.9)  # EMA decay of the published adapter, per epoch
-    p.add_argument("--eval-every", type=int, default=5)  # epochs between test evaluations + checkpoints (0: no evaluation)
-    p.add_argument("--eval-at", type=training.epoch_list, default=None)  # e.g. 4,8: evaluate only after these epochs (0 = start), checkpoint every epoch
-    p.add_argument("--eval-steps", type=int, default=None)  # ODE steps at eval (default: the model's; paper: 40)
-    p.add_argument("--eval-guidance", type=float, default=None)  # CFG at eval (default: the model's; paper 4.5)
-    p.add_argument("--max-bad-epochs", type=int, default=3)  # consecutive non-finite epochs before stopping
-    p.add_argument("--seed", type=int, default=0)  # prompts, noise
-    p.add_argument("--resume", action="store_true")  # continue from OUT/checkpoint
+    p.add_argument("--reward", default="geneval", help="one reward = a teacher; name=w,name=w = GRPO-Mix")
+    p.add_argument("--mix", choices=["sum", "advantage", "alternate"], default="sum", help="GRPO-Mix rule")
+    p.add_argument("--objective", choices=["grpo", "nft"], default="grpo",
+                   help="Flow-GRPO (paper), or DiffusionNFT on the same rewards and advantages")
+    p.add_argument("--nft-beta", type=training.positive_float,
+                   help="NFT: step of the implicit positive/negative policies (default 1)")
+    p.add_argument("--nft-times", type=training.positive_int,
+                   help="NFT: noise levels per image per epoch, one update chunk each (default 1)")
+    p.add_argument("--nft-shift", type=training.positive_float,
+                   help="NFT: time shift of its logit-normal training times (default: the sampler's; 1 = centred, "
+                        "more low-noise detail)")
+    p.add_argument("--nft-guidance", type=training.nonnegative_float,
+                   help="NFT: CFG of the fitted velocity (default 1: the conditional one, DiffusionNFT's; = "
+                        "--guidance: the sampled policy's)")
+    p.add_argument("--nft-old-decay", type=training.probability,
+                   help="NFT: eta of the sampling policy's soft update old <- eta old + (1 - eta) student (default 0: "
+                        "the student; DiffusionNFT ramps to 0.5)")
+    p.add_argument("--nft-old-ramp", type=training.nonnegative_int,
+                   help="NFT: epochs over which that eta rises from 0 (default 0: no ramp)")
+    p.add_argument("--train-prompts", default=None, help="comma-separated prompt files (default: by reward)")
+    p.add_argument("--test-prompts", default=None, help="comma-separated prompt files (default: by reward)")
+    p.add_argument("--dataset", default="dataset", help="folder of the default prompt files")
+    p.add_argument("--out", required=True, help="run folder: log, grids, checkpoint, final adapter")
+    p.add_argument("--epochs", type=training.positive_int, default=20, help="sampling/training epochs")
+    p.add_argument("--prompts-per-epoch", type=training.positive_int, default=8,
+                   help="M (paper: 48 per GPU x 8 GPUs / G)")
+    p.add_argument("--group-size", type=training.positive_int, default=8, help="G rollouts per prompt (paper: 24)")
+    p.add_argument("--steps", type=training.positive_int, default=10, help="SDE steps per rollout (paper: 10)")
+    p.add_argument("--noise-level", type=training.positive_float, default=0.7, help="a of M1 (paper: 0.7)")
+    p.add_argument("--sde-window", type=training.nonnegative_int, default=0,
+                   help="K > 0: only K SDE (trained) steps, Flow-GRPO-Fast (paper: 0)")
+    p.add_argument("--guidance", type=training.nonnegative_float, default=None,
+                   help="CFG of rollouts and training (paper: 4.5)")
+    p.add_argument("--clip-range", type=training.positive_float, default=1e-4,
+                   help="PPO epsilon, mean-over-dims units (paper: 1e-4)")
+    p.add_argument("--adv-clip", type=training.positive_float, default=5.0, help="advantage clamp (paper: 5)")
+    p.add_argument("--beta", type=training.nonnegative_float, default=0.04, help="KL-to-base weight (paper: 0.04)")
+    p.add_argument("--kl-weighting", choices=["paper", "code"], default="code", help="M3 units of beta")
+    p.add_argument("--lr", type=training.positive_float, default=3e-4, help="AdamW learning rate (paper: 3e-4)")
+    p.add_argument("--lora-rank", type=training.positive_int, default=32, help="LoRA rank (paper: 32)")
+    p.add_argument("--lora-alpha", type=training.positive_int, default=64, help="LoRA alpha (paper: 64)")
+    p.add_argument("--train-batch-size", type=training.positive_int, default=32, help="trajectories per backward chunk")
+    p.add_argument("--max-grad-norm", type=training.positive_float, default=1.0, help="gradient clipping (paper: 1.0)")
+    p.add_argument("--ema", type=training.probability, default=0.9,
+                   help="EMA decay of the published adapter, per epoch")
+    p.add_argument("--seed", type=int, default=0, help="prompts, noise")
+    training.add_run_arguments(p)  # --eval-every, --eval-at, --eval-steps, --eval-guidance, --save-every, --resume, ...
     return p.parse_args(argv)
 
 
@@ -330,16 +339,10 @@ def main(argv=None):
     nft_defaults = {"nft_beta": 1.0, "nft_times": 1, "nft_shift": None, "nft_guidance": 1.0, "nft_old_decay": 0.0, "nft_old_ramp": 0}
     nft_flags = [f"--{name.replace('_', '-')}" for name in nft_defaults if getattr(args, name) is not None]
     if args.objective != "nft" and nft_flags:  # given with GRPO, even at their defaults, they would be ignored silently
-        raise ValueError(f"{', '.join(nft_flags)} only apply to --objective nft; expected --objective nft with them, or none of them with --objective {args.objective}")
+        raise common.UserError(f"{', '.join(nft_flags)} only apply to --objective nft; expected --objective nft with them, or none of them with --objective {args.objective}")
     vars(args).update({name: default for name, default in nft_defaults.items() if getattr(args, name) is None})
-    if args.nft_shift is not None and args.nft_shift <= 0:
-        raise ValueError(f"--nft-shift {args.nft_shift} is not a time shift; expected a number > 0 (1: no shift)")
-    if not 0 <= args.nft_old_decay < 1:
-        raise ValueError(f"--nft-old-decay {args.nft_old_decay} is not a decay; expected 0 <= eta < 1 (0: sample with the student)")
-    if args.nft_old_ramp < 0:
-        raise ValueError(f"--nft-old-ramp {args.nft_old_ramp} is not a number of epochs; expected an integer >= 0 (0: no ramp)")
     if args.nft_old_ramp > 0 and args.nft_old_decay == 0:  # a ramp to 0 would silently do nothing
-        raise ValueError(f"--nft-old-ramp {args.nft_old_ramp} ramps --nft-old-decay, which is 0; expected --nft-old-decay > 0 with it")
+        raise common.UserError(f"--nft-old-ramp {args.nft_old_ramp} ramps --nft-old-decay, which is 0; expected --nft-old-decay > 0 with it")
     training.init_distributed(args)  # torchrun: one process per GPU (or CPU share), each on a shard of every batch
     training.check_divisible(args, group_size=args.group_size, train_batch_size=args.train_batch_size)
     args.local_batch_size = args.train_batch_size // args.world
@@ -390,11 +393,8 @@ def main(argv=None):
                   "skipped_groups": int(len(set(groups)) - len(set(groups[informative]))),
                   "seconds": time.time() - start, **(stats or {}), "skipped_update": not finite}
         training.end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate)
-    if args.rank == 0:
-        common.save_adapter(policy, "ema", os.path.join(args.out, "adapter"))
-        print(f"wrote {args.out}/adapter (the EMA teacher, peft format)")
-    training.end_distributed(args)
+    training.finish_run(args, policy, "the EMA teacher")
 
 
 if __name__ == "__main__":
-    main()
+    training.run_cli(main)

@@ -1,4 +1,4 @@
-"""Stage 2: a cold start for the student near all teachers (METHOD.md M6).
+r"""Stage 2: a cold start for the student near all teachers (METHOD.md M6).
 
     python stage2_coldstart.py merge --teachers geneval=runs/teacher-geneval/adapter,ocr=runs/teacher-ocr/adapter \
         --rule delta --out runs/coldstart-merge
@@ -17,7 +17,6 @@ teachers): N base samples per prompt, the best by reward kept, a fresh LoRA fitt
     python stage2_coldstart.py bestofn --reward geneval --out runs/teacher-geneval
 All write OUT/adapter, a peft folder that stage3_opd.py takes as --init (or as a teacher).
 """
-import argparse
 import json
 import os
 import random
@@ -42,9 +41,9 @@ def parse_weights(text, k):
     try:
         weights = [float(w) for w in text.split(",")]
     except ValueError:
-        raise ValueError(f"--weights {text!r} does not parse; expected {k} comma-separated numbers") from None
+        raise common.UserError(f"--weights {text!r} does not parse; expected {k} comma-separated numbers") from None
     if len(weights) != k:
-        raise ValueError(f"--weights {text!r} has {len(weights)} numbers for {k} teachers; expected {k}")
+        raise common.UserError(f"--weights {text!r} has {len(weights)} numbers for {k} teachers; expected {k}")
     return weights
 
 
@@ -245,29 +244,34 @@ def best_of_n(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=["merge", "sft", "bestofn"])  # the cold start
+    p = training.parser(__doc__)
+    p.add_argument("method", choices=["merge", "sft", "bestofn"], help="the cold start")
     training.add_model_arguments(p)  # --model, --device, --model-dtype, --gradient-checkpointing, --resolution, --lora-targets
     rewards.add_arguments(p)  # bestofn: --pickscore-model, --geneval-url, --deqa-url, ... (the real world's scorers)
-    p.add_argument("--teachers", default="")  # task=peft_folder,... (Stage 1 adapters or published LoRAs)
-    p.add_argument("--reward", default="task")  # bestofn: the ranking reward ("task": each prompt's own)
-    p.add_argument("--n", type=int, default=8)  # bestofn: base samples per prompt
-    p.add_argument("--lora-rank", type=int, default=32)  # bestofn: LoRA rank (paper: 32)
-    p.add_argument("--lora-alpha", type=int, default=64)  # bestofn: LoRA alpha (paper: 64)
-    p.add_argument("--out", required=True)  # run folder; the result is OUT/adapter
-    p.add_argument("--rule", choices=["delta", "svd", "ab"], default="delta")  # merge rule (M6)
-    p.add_argument("--weights", default="")  # merge weights in --teachers order (default: uniform)
-    p.add_argument("--svd-rank", type=int, default=None)  # rank of the svd merge (default: the teachers')
-    p.add_argument("--dataset", default="dataset")  # folder of the default training prompt files
-    p.add_argument("--train-prompts", default="")  # comma-separated prompt files (default: the teachers' tasks')
-    p.add_argument("--samples-per-task", type=int, default=256)  # sft: teacher samples per task; bestofn: prompts per task
-    p.add_argument("--sample-steps", type=int, default=None)  # teacher ODE steps (default: the model's eval steps)
-    p.add_argument("--guidance", type=float, default=None)  # CFG of the teacher samples (default: the model's)
-    p.add_argument("--train-steps", type=int, default=200)  # SFT optimizer steps
-    p.add_argument("--batch-size", type=int, default=32)  # SFT batch size
-    p.add_argument("--lr", type=float, default=3e-4)  # SFT learning rate
-    p.add_argument("--fit-guidance", type=float, default=None)  # CFG of the fitted velocity (default: the samples')
-    p.add_argument("--seed", type=int, default=0)  # prompt choice, noise
+    p.add_argument("--teachers", default="", help="task=peft_folder,... (Stage 1 adapters or published LoRAs)")
+    p.add_argument("--reward", default="task", help='bestofn: the ranking reward ("task": each prompt\'s own)')
+    p.add_argument("--n", type=training.positive_int, default=8, help="bestofn: base samples per prompt")
+    p.add_argument("--lora-rank", type=training.positive_int, default=32, help="bestofn: LoRA rank (paper: 32)")
+    p.add_argument("--lora-alpha", type=training.positive_int, default=64, help="bestofn: LoRA alpha (paper: 64)")
+    p.add_argument("--out", required=True, help="run folder; the result is OUT/adapter")
+    p.add_argument("--rule", choices=["delta", "svd", "ab"], default="delta", help="merge rule (M6)")
+    p.add_argument("--weights", default="", help="merge weights in --teachers order (default: uniform)")
+    p.add_argument("--svd-rank", type=training.positive_int, default=None,
+                   help="rank of the svd merge (default: the teachers')")
+    p.add_argument("--dataset", default="dataset", help="folder of the default training prompt files")
+    p.add_argument("--train-prompts", default="", help="comma-separated prompt files (default: the teachers' tasks')")
+    p.add_argument("--samples-per-task", type=training.positive_int, default=256,
+                   help="sft: teacher samples per task; bestofn: prompts per task")
+    p.add_argument("--sample-steps", type=training.positive_int, default=None,
+                   help="teacher ODE steps (default: the model's eval steps)")
+    p.add_argument("--guidance", type=training.nonnegative_float, default=None,
+                   help="CFG of the teacher samples (default: the model's)")
+    p.add_argument("--train-steps", type=training.positive_int, default=200, help="SFT optimizer steps")
+    p.add_argument("--batch-size", type=training.positive_int, default=32, help="SFT batch size")
+    p.add_argument("--lr", type=training.positive_float, default=3e-4, help="SFT learning rate")
+    p.add_argument("--fit-guidance", type=training.nonnegative_float, default=None,
+                   help="CFG of the fitted velocity (default: the samples')")
+    p.add_argument("--seed", type=int, default=0, help="prompt choice, noise")
     args = p.parse_args(argv)
     if args.method != "bestofn" and not args.teachers:
         p.error(f"{args.method} needs --teachers task=peft_folder,...")
@@ -279,4 +283,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    training.run_cli(main)

@@ -1,4 +1,4 @@
-"""Stage 3: multi-teacher on-policy distillation with Manifold Anchor Regularization (METHOD.md M3-M5).
+r"""Stage 3: multi-teacher on-policy distillation with Manifold Anchor Regularization (METHOD.md M3-M5).
 
     python stage3_opd.py --teachers geneval=runs/teacher-geneval/adapter,ocr=runs/teacher-ocr/adapter \
         --init runs/coldstart-merge/adapter --anchor runs/teacher-quality/adapter --out runs/opd-merge
@@ -16,9 +16,7 @@ updated to reduce
                     is zero (KL_j does not depend on the action), kept as a documented ablation
 Teachers, anchor and student are adapters on ONE base model. No reward model runs during training.
 """
-import argparse
 import math
-import os
 import random
 import time
 
@@ -212,44 +210,48 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = training.parser(__doc__)
     training.add_model_arguments(p)  # --model, --device, --model-dtype, --gradient-checkpointing, --resolution, --lora-targets
     rewards.add_arguments(p)  # evaluation only: --pickscore-model, --geneval-url, --deqa-url, --eval-rewards
-    p.add_argument("--teachers", required=True)  # task=peft_folder,... one frozen teacher per task (router targets)
-    p.add_argument("--anchor", default="base")  # MAR anchor: "base" (adapters off) or a peft folder (quality teacher)
-    p.add_argument("--init", default=None)  # cold-start peft folder (stage2_coldstart.py); default a fresh LoRA
-    p.add_argument("--objective", choices=["pathwise", "ppo", "paper-detached"], default="pathwise")  # M4 estimator
-    p.add_argument("--gamma", type=float, default=0.0)  # ppo: reward-to-go discount (0 = per-step advantage)
-    p.add_argument("--kl-weighting", choices=["paper", "code"], default="paper")  # M3 units (paper = the true KL)
-    p.add_argument("--mar-lambda", type=float, default=0.04)  # lambda of M5 (released: 0.04); 0 turns MAR off
-    p.add_argument("--schedule", choices=["sample", "epoch"], default="sample")  # per-sample routing or one task per epoch
-    p.add_argument("--dataset", default="dataset")  # folder of the default prompt files
-    p.add_argument("--train-prompts", default="")  # comma-separated prompt files (default: the teachers' tasks')
-    p.add_argument("--test-prompts", default="")  # comma-separated prompt files (default: the teachers' tasks')
-    p.add_argument("--out", required=True)  # run folder: log, grids, checkpoint, final adapter
-    p.add_argument("--epochs", type=int, default=20)  # sampling/training epochs
-    p.add_argument("--rollouts-per-epoch", type=int, default=32)  # on-policy trajectories per epoch (one prompt each)
-    p.add_argument("--train-batch-size", type=int, default=16)  # trajectories per optimizer step
-    p.add_argument("--steps", type=int, default=10)  # SDE steps per rollout (paper: 10)
-    p.add_argument("--noise-level", type=float, default=0.7)  # a of M1 (paper: 0.7)
-    p.add_argument("--guidance", type=float, default=None)  # CFG of student, teachers and anchor (paper: 4.5)
-    p.add_argument("--clip-range", type=float, default=1e-3)  # ppo surrogate epsilon (mean-over-dims ratio)
-    p.add_argument("--lr", type=float, default=3e-4)  # AdamW learning rate (paper: 3e-4)
-    p.add_argument("--lora-rank", type=int, default=32)  # student LoRA rank without --init (paper: 32)
-    p.add_argument("--lora-alpha", type=int, default=64)  # student LoRA alpha without --init (paper: 64)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)  # gradient clipping (paper: 1.0)
-    p.add_argument("--ema", type=float, default=0.9)  # EMA decay of the published adapter, per epoch
-    p.add_argument("--eval-every", type=int, default=5)  # epochs between test evaluations + checkpoints (0: no evaluation)
-    p.add_argument("--eval-at", type=training.epoch_list, default=None)  # e.g. 4,8: evaluate only after these epochs (0 = start), checkpoint every epoch
-    p.add_argument("--eval-steps", type=int, default=None)  # ODE steps at eval (default: the model's; paper: 40)
-    p.add_argument("--eval-guidance", type=float, default=None)  # CFG at eval (default: the model's; paper: 4.5)
-    p.add_argument("--max-bad-epochs", type=int, default=3)  # consecutive non-finite epochs before stopping
-    p.add_argument("--seed", type=int, default=0)  # prompts, noise
-    p.add_argument("--resume", action="store_true")  # continue from OUT/checkpoint
-    args = p.parse_args(argv)
-    if args.mar_lambda < 0 or not math.isfinite(args.mar_lambda):
-        p.error(f"--mar-lambda {args.mar_lambda} must be a finite number >= 0")
-    return args
+    p.add_argument("--teachers", required=True,
+                   help="task=peft_folder,... one frozen teacher per task (router targets)")
+    p.add_argument("--anchor", default="base",
+                   help='MAR anchor: "base" (adapters off) or a peft folder (quality teacher)')
+    p.add_argument("--init", default=None, help="cold-start peft folder (stage2_coldstart.py); default a fresh LoRA")
+    p.add_argument("--objective", choices=["pathwise", "ppo", "paper-detached"], default="pathwise",
+                   help="M4 estimator")
+    p.add_argument("--gamma", type=training.nonnegative_float, default=0.0,
+                   help="ppo: reward-to-go discount (0 = per-step advantage)")
+    p.add_argument("--kl-weighting", choices=["paper", "code"], default="paper", help="M3 units (paper = the true KL)")
+    p.add_argument("--mar-lambda", type=training.nonnegative_float, default=0.04,
+                   help="lambda of M5 (released: 0.04); 0 turns MAR off")
+    p.add_argument("--schedule", choices=["sample", "epoch"], default="sample",
+                   help="per-sample routing or one task per epoch")
+    p.add_argument("--dataset", default="dataset", help="folder of the default prompt files")
+    p.add_argument("--train-prompts", default="", help="comma-separated prompt files (default: the teachers' tasks')")
+    p.add_argument("--test-prompts", default="", help="comma-separated prompt files (default: the teachers' tasks')")
+    p.add_argument("--out", required=True, help="run folder: log, grids, checkpoint, final adapter")
+    p.add_argument("--epochs", type=training.positive_int, default=20, help="sampling/training epochs")
+    p.add_argument("--rollouts-per-epoch", type=training.positive_int, default=32,
+                   help="on-policy trajectories per epoch (one prompt each)")
+    p.add_argument("--train-batch-size", type=training.positive_int, default=16, help="trajectories per optimizer step")
+    p.add_argument("--steps", type=training.positive_int, default=10, help="SDE steps per rollout (paper: 10)")
+    p.add_argument("--noise-level", type=training.positive_float, default=0.7, help="a of M1 (paper: 0.7)")
+    p.add_argument("--guidance", type=training.nonnegative_float, default=None,
+                   help="CFG of student, teachers and anchor (paper: 4.5)")
+    p.add_argument("--clip-range", type=training.positive_float, default=1e-3,
+                   help="ppo surrogate epsilon (mean-over-dims ratio)")
+    p.add_argument("--lr", type=training.positive_float, default=3e-4, help="AdamW learning rate (paper: 3e-4)")
+    p.add_argument("--lora-rank", type=training.positive_int, default=32,
+                   help="student LoRA rank without --init (paper: 32)")
+    p.add_argument("--lora-alpha", type=training.positive_int, default=64,
+                   help="student LoRA alpha without --init (paper: 64)")
+    p.add_argument("--max-grad-norm", type=training.positive_float, default=1.0, help="gradient clipping (paper: 1.0)")
+    p.add_argument("--ema", type=training.probability, default=0.9,
+                   help="EMA decay of the published adapter, per epoch")
+    p.add_argument("--seed", type=int, default=0, help="prompts, noise")
+    training.add_run_arguments(p)  # --eval-every, --eval-at, --eval-steps, --eval-guidance, --save-every, --resume, ...
+    return p.parse_args(argv)
 
 
 def main(argv=None):
@@ -291,11 +293,8 @@ def main(argv=None):
         record = {"epoch": epoch, "trajectories": epoch * args.rollouts_per_epoch, "task": task or "mixed",
                   "seconds": time.time() - start, **stats, "skipped_update": not finite}
         training.end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate)
-    if args.rank == 0:
-        common.save_adapter(policy, "ema", os.path.join(args.out, "adapter"))
-        print(f"wrote {args.out}/adapter (the EMA student, peft format)")
-    training.end_distributed(args)
+    training.finish_run(args, policy, "the EMA student")
 
 
 if __name__ == "__main__":
-    main()
+    training.run_cli(main)

@@ -8,7 +8,6 @@ specialist teachers, and a scored sample grid of any model.
 
 The world itself (prompts, renderer, scorers) is toy_world.py; the tiny SD3 model is toy_model.py.
 """
-import argparse
 import json
 import os
 import random
@@ -125,7 +124,7 @@ def load_pretraining_checkpoint(work, run, rng, steps):
         return ckpt["step"], ckpt["elapsed"], ckpt["log"]
     snapshot = os.path.join(work, f"ema_step{steps:06d}.pt")
     if not os.path.exists(snapshot):
-        raise ValueError(f"--steps {steps} is below the checkpoint's step {ckpt['step']} and there is no EMA "
+        raise common.UserError(f"--steps {steps} is below the checkpoint's step {ckpt['step']} and there is no EMA "
                          f"snapshot {snapshot}; expected --steps to be a multiple of --eval-every")
     for key, state in torch.load(snapshot).items():
         run[key].load_state_dict(state)
@@ -179,7 +178,7 @@ def specialist(args):
     rng = random.Random(args.seed)
     tasks = list(common.DEFAULT_PROMPT_FILES) if args.task == "all" else [args.task]
     if args.task not in (*common.DEFAULT_PROMPT_FILES, "all"):
-        raise ValueError(f"unknown task {args.task!r}; expected one of {[*common.DEFAULT_PROMPT_FILES, 'all']}")
+        raise common.UserError(f"unknown task {args.task!r}; expected one of {[*common.DEFAULT_PROMPT_FILES, 'all']}")
     toy_world.ensure_prompt_files(args.dataset)
     items = [item for task in tasks for item in common.prompts_by_task("", [task], args.dataset, "train")[task]]
     bundle = training.load_model(args.model)
@@ -258,57 +257,66 @@ def latent_study(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = training.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prompts", help="write the prompt files")
-    p.add_argument("--out", default="dataset")  # folder for geneval/*.jsonl and ocr/*.txt
-    p.add_argument("--dataset-seed", type=int, default=0)  # seed of the train/test split
+
+    def command(name, text):  # a subcommand's parser: its flags' defaults in --help, a bad value in one line
+        p = sub.add_parser(name, help=text, description=text, formatter_class=training.HelpFormatter)
+        p.error = training.fail
+        return p
+    p = command("prompts", "write the prompt files")
+    p.add_argument("--out", default="dataset", help="folder for geneval/*.jsonl and ocr/*.txt")
+    p.add_argument("--dataset-seed", type=int, default=0, help="seed of the train/test split")
     p.set_defaults(func=lambda a: print(json.dumps(write_prompt_files(a.out, a.dataset_seed), indent=1)))
-    p = sub.add_parser("pretrain", help="pretrain the miniature base model")
-    p.add_argument("--out", default="miniature/base")  # model folder; checkpoints go to OUT.work/
-    p.add_argument("--steps", type=int, default=2000)  # optimizer steps
-    p.add_argument("--batch-size", type=int, default=64)  # renders per step
-    p.add_argument("--lr", type=float, default=5e-4)  # AdamW peak learning rate
-    p.add_argument("--warmup", type=int, default=100)  # linear warm-up steps
-    p.add_argument("--ema", type=float, default=0.998)  # EMA decay of the saved weights
-    p.add_argument("--caption-dropout", type=float, default=0.1)  # empty-prompt rate, so CFG works
-    p.add_argument("--space", choices=["pixels", "pca"], default="pca")  # pixels, or the PCA latent (4x4 patch -> 12)
-    p.add_argument("--width", type=int, default=192)  # transformer width
-    p.add_argument("--depth", type=int, default=6)  # transformer blocks
-    p.add_argument("--no-bf16", dest="bf16", action="store_false")  # fp32 instead of bf16 autocast
-    p.add_argument("--eval-every", type=int, default=400)  # steps between test evaluations + grids
-    p.add_argument("--eval-steps", type=int, default=20)  # ODE steps of those evaluations
-    p.add_argument("--guidance", type=float, default=4.5)  # CFG scale of those evaluations
-    p.add_argument("--seed", type=int, default=0)  # init, data and noise seed
-    p.add_argument("--dataset-seed", type=int, default=0)  # which test split is held out
+    p = command("pretrain", "pretrain the miniature base model")
+    p.add_argument("--out", default="miniature/base", help="model folder; checkpoints go to OUT.work/")
+    p.add_argument("--steps", type=training.positive_int, default=2000, help="optimizer steps")
+    p.add_argument("--batch-size", type=training.positive_int, default=64, help="renders per step")
+    p.add_argument("--lr", type=training.positive_float, default=5e-4, help="AdamW peak learning rate")
+    p.add_argument("--warmup", type=training.nonnegative_int, default=100, help="linear warm-up steps")
+    p.add_argument("--ema", type=training.probability, default=0.998, help="EMA decay of the saved weights")
+    p.add_argument("--caption-dropout", type=training.probability, default=0.1, help="empty-prompt rate, so CFG works")
+    p.add_argument("--space", choices=["pixels", "pca"], default="pca",
+                   help="pixels, or the PCA latent (4x4 patch -> 12)")
+    p.add_argument("--width", type=training.positive_int, default=192, help="transformer width")
+    p.add_argument("--depth", type=training.positive_int, default=6, help="transformer blocks")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 instead of bf16 autocast")
+    p.add_argument("--eval-every", type=training.positive_int, default=400,
+                   help="steps between test evaluations + grids")
+    p.add_argument("--eval-steps", type=training.positive_int, default=20, help="ODE steps of those evaluations")
+    p.add_argument("--guidance", type=training.nonnegative_float, default=4.5, help="CFG scale of those evaluations")
+    p.add_argument("--seed", type=int, default=0, help="init, data and noise seed")
+    p.add_argument("--dataset-seed", type=int, default=0, help="which test split is held out")
     p.set_defaults(func=pretrain)
-    p = sub.add_parser("sample", help="sample a grid and score a model on the test split")
-    p.add_argument("--model", default="miniature/base")  # model folder
-    p.add_argument("--out", default="results/base")  # where grid.png and scores.json go
-    p.add_argument("--steps", type=int, default=None)  # ODE steps (default: the model's eval_steps)
-    p.add_argument("--guidance", type=float, default=None)  # CFG scale (default: the model's)
-    p.add_argument("--seed", type=int, default=0)  # seeds are seed + prompt index
-    p.add_argument("--dataset-seed", type=int, default=0)  # which test split
+    p = command("sample", "sample a grid and score a model on the test split")
+    p.add_argument("--model", default="miniature/base", help="model folder")
+    p.add_argument("--out", default="results/base", help="where grid.png and scores.json go")
+    p.add_argument("--steps", type=training.positive_int, default=None,
+                   help="ODE steps (default: the model's eval_steps)")
+    p.add_argument("--guidance", type=training.nonnegative_float, default=None, help="CFG scale (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seeds are seed + prompt index")
+    p.add_argument("--dataset-seed", type=int, default=0, help="which test split")
     p.set_defaults(func=sample)
-    p = sub.add_parser("specialist", help="fit a task-specialist LoRA to renders (the quick teachers)")
-    p.add_argument("--task", required=True)  # geneval, ocr, or all (both: the multi-task baseline)
-    p.add_argument("--model", default="miniature/base")  # base model folder
-    p.add_argument("--dataset", default="dataset")  # folder of the prompt files (train split used)
-    p.add_argument("--out", required=True)  # run folder; the result is OUT/adapter
-    p.add_argument("--steps", type=int, default=200)  # optimizer steps
-    p.add_argument("--batch-size", type=int, default=32)  # renders per step
-    p.add_argument("--lr", type=float, default=5e-4)  # AdamW learning rate
-    p.add_argument("--lora-rank", type=int, default=32)  # LoRA rank (the teachers' layout)
-    p.add_argument("--lora-alpha", type=int, default=64)  # LoRA alpha
-    p.add_argument("--caption-dropout", type=float, default=0.1)  # empty-prompt rate, as in pretraining
-    p.add_argument("--bf16", action="store_true")  # bf16 autocast (default fp32: 1.5x faster training on this CPU)
-    p.add_argument("--seed", type=int, default=0)  # renders, noise
+    p = command("specialist", "fit a task-specialist LoRA to renders (the quick teachers)")
+    p.add_argument("--task", required=True, help="geneval, ocr, or all (both: the multi-task baseline)")
+    p.add_argument("--model", default="miniature/base", help="base model folder")
+    p.add_argument("--dataset", default="dataset", help="folder of the prompt files (train split used)")
+    p.add_argument("--out", required=True, help="run folder; the result is OUT/adapter")
+    p.add_argument("--steps", type=training.positive_int, default=200, help="optimizer steps")
+    p.add_argument("--batch-size", type=training.positive_int, default=32, help="renders per step")
+    p.add_argument("--lr", type=training.positive_float, default=5e-4, help="AdamW learning rate")
+    p.add_argument("--lora-rank", type=training.positive_int, default=32, help="LoRA rank (the teachers' layout)")
+    p.add_argument("--lora-alpha", type=training.positive_int, default=64, help="LoRA alpha")
+    p.add_argument("--caption-dropout", type=training.probability, default=0.1,
+                   help="empty-prompt rate, as in pretraining")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (default fp32: 1.5x faster training on this CPU)")
+    p.add_argument("--seed", type=int, default=0, help="renders, noise")
     p.set_defaults(func=specialist)
-    p = sub.add_parser("latent-study", help="measure a small PCA latent space against pixel space")
+    p = command("latent-study", "measure a small PCA latent space against pixel space")
     p.set_defaults(func=latent_study)
     args = parser.parse_args(argv)
     args.func(args)
 
 
 if __name__ == "__main__":
-    main()
+    training.run_cli(main)

@@ -14,6 +14,8 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+import common
+
 SIZE = 64
 BACKGROUND = (255, 255, 255)
 INK = (0, 0, 0)
@@ -59,7 +61,7 @@ def geneval_item(tag, shapes, colors=(), count=1, relation=None):
                    {"class": shapes[1], "count": 1, "color": colors[1]}]
         prompt = f"a photo of {_article(colors[0])} {colors[0]} {shapes[0]} and {_article(colors[1])} {colors[1]} {shapes[1]}"
     else:
-        raise ValueError(f"unknown GenEval tag {tag!r}; expected one of {GENEVAL_TAGS}")
+        raise common.UserError(f"unknown GenEval tag {tag!r}; expected one of {GENEVAL_TAGS}")
     return {"tag": tag, "include": include, "prompt": prompt}
 
 
@@ -78,7 +80,7 @@ def all_geneval_items(tag):
         return [geneval_item(tag, list(p), relation=r) for p in pairs for r in RELATIONS]
     if tag == "color_attr":
         return [geneval_item(tag, list(p), list(c)) for p in pairs for c in itertools.permutations(COLORS, 2)]
-    raise ValueError(f"unknown GenEval tag {tag!r}; expected one of {GENEVAL_TAGS}")
+    raise common.UserError(f"unknown GenEval tag {tag!r}; expected one of {GENEVAL_TAGS}")
 
 
 def ocr_prompt(text):
@@ -203,7 +205,7 @@ def render(prompt, meta=None, rng=None):
     rng = rng or random.Random()
     meta = meta or parse_prompt(prompt)
     if meta is None:
-        raise ValueError(f"cannot render prompt {prompt!r}: not a miniature-world prompt")
+        raise common.UserError(f"cannot render prompt {prompt!r}: not a miniature-world prompt")
     image = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
     draw = ImageDraw.Draw(image)
     if meta.get("tag") == "ocr" or "include" not in meta:
@@ -382,7 +384,7 @@ def score(images, prompts, metadata=None, names=REWARDS):
     other task (an OCR prompt has no GenEval score)."""
     unknown = [n for n in names if n not in REWARDS]
     if unknown:
-        raise ValueError(f"unknown reward {unknown[0]!r}; expected one of {list(REWARDS)}")
+        raise common.UserError(f"unknown reward {unknown[0]!r}; expected one of {list(REWARDS)}")
     images = to_uint8(images)
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")

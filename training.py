@@ -25,17 +25,34 @@ import toy_model
 
 def add_model_arguments(p):
     """The flags every stage and eval.py share to choose and place the base model."""
-    p.add_argument("--model", default="miniature/base")  # miniature folder, SD3 pipeline folder or hub id (paper: stabilityai/stable-diffusion-3.5-medium)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")  # where everything runs
-    p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default=None)  # frozen base weights (default: bf16 on GPU, fp32 on CPU); LoRA stays fp32
-    p.add_argument("--no-t5", action="store_true")  # SD3: leave T5-XXL out (9 GiB less; only the CLIP encoders read prompts)
-    p.add_argument("--gradient-checkpointing", action="store_true")  # recompute transformer blocks in backward: less memory, ~1.3x time
-    p.add_argument("--resolution", type=int, default=None)  # image side in pixels (default: the model's; paper: 512)
-    p.add_argument("--lora-targets", default=None)  # comma-separated LoRA modules of a new adapter (default: the model's; SD3: Flow-GRPO's 8)
-    p.add_argument("--train-precision", choices=["bf16", "fp32"], default=None)  # passes with gradients: bf16 autocast or fp32 (default: bf16 with bf16 weights; fp32 with fp32 weights: bf16 autocast was 1.5x slower on one CPU, 1.07x faster on another, README "Speed")
-    p.add_argument("--sample-precision", choices=["bf16", "fp32"], default=None)  # no-grad passes: rollouts, SFT samples (Stage 3's teacher/anchor velocities follow --train-precision); default bf16 on bf16 weights or where it is fast (common.bf16_is_fast), else fp32
-    p.add_argument("--eval-precision", choices=["bf16", "fp32"], default=None)  # test evaluations (eval.py, in-training); default fp32 with fp32 weights: the same adapter scores the same on every CPU
-    p.add_argument("--compile", action="store_true")  # torch.compile the transformer (worth it on GPU; on a 2-core CPU its compile time exceeds its gain at miniature budgets, BENCHMARKS.md)
+    p.add_argument("--model", default="miniature/base",
+                   help="miniature folder, SD3 pipeline folder or hub id (paper: "
+                        "stabilityai/stable-diffusion-3.5-medium)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where everything runs")
+    p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="frozen base weights (default: bf16 on GPU, fp32 on CPU); LoRA stays fp32")
+    p.add_argument("--no-t5", action="store_true",
+                   help="SD3: leave T5-XXL out (9 GiB less; only the CLIP encoders read prompts)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute transformer blocks in backward: less memory, ~1.3x time")
+    p.add_argument("--resolution", type=positive_int, default=None,
+                   help="image side in pixels (default: the model's; paper: 512)")
+    p.add_argument("--lora-targets", default=None,
+                   help="comma-separated LoRA modules of a new adapter (default: the model's; SD3: Flow-GRPO's 8)")
+    p.add_argument("--train-precision", choices=["bf16", "fp32"], default=None,
+                   help='passes with gradients: bf16 autocast or fp32 (default: bf16 with bf16 weights; fp32 with '
+                        'fp32 weights: bf16 autocast was 1.5x slower on one CPU, 1.07x faster on another, README '
+                        '"Speed")')
+    p.add_argument("--sample-precision", choices=["bf16", "fp32"], default=None,
+                   help="no-grad passes: rollouts, SFT samples (Stage 3's teacher/anchor velocities follow "
+                        "--train-precision); default bf16 on bf16 weights or where it is fast (common.bf16_is_fast), "
+                        "else fp32")
+    p.add_argument("--eval-precision", choices=["bf16", "fp32"], default=None,
+                   help="test evaluations (eval.py, in-training); default fp32 with fp32 weights: the same adapter "
+                        "scores the same on every CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer (worth it on GPU; on a 2-core CPU its compile time exceeds its "
+                        "gain at miniature budgets, BENCHMARKS.md)")
 
 
 def load_model(path_or_id, device="cpu", dtype=torch.float32, text_encoder_3=True):
@@ -46,7 +63,7 @@ def load_model(path_or_id, device="cpu", dtype=torch.float32, text_encoder_3=Tru
         return toy_model.load_miniature(path, device, dtype)
     if os.path.isfile(os.path.join(path, "model_index.json")) or (not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path)):
         return common.load_sd3(path, device, dtype, text_encoder_3)
-    raise ValueError(f"cannot load model {path!r}: expected a miniature model folder (with miniature.json), "
+    raise common.UserError(f"cannot load model {path!r}: expected a miniature model folder (with miniature.json), "
                      f"a diffusers StableDiffusion3Pipeline folder (with model_index.json) or a hub id like "
                      f"'stabilityai/stable-diffusion-3.5-medium'")
 
@@ -61,14 +78,14 @@ def load_model_from_args(args):
         factor = bundle.resolution // bundle.latent_shape(bundle.resolution)[-1]
         patch = bundle.transformer.config.patch_size * factor
         if args.resolution <= 0 or args.resolution % patch:
-            raise ValueError(f"--resolution {args.resolution} is not a positive multiple of {patch} (VAE factor "
+            raise common.UserError(f"--resolution {args.resolution} is not a positive multiple of {patch} (VAE factor "
                              f"{factor} x patch size); expected e.g. {bundle.resolution}")
         bundle = dataclasses.replace(bundle, resolution=args.resolution)
     args.resolution = bundle.resolution
     args.lora_targets = tuple(args.lora_targets.split(",")) if args.lora_targets else bundle.defaults["lora_targets"]
     for flag in ("train_precision", "sample_precision", "eval_precision"):  # autocast off on bf16 weights = a dtype clash
         if getattr(args, flag) == "fp32" and dtype == "bfloat16":
-            raise ValueError(f"--{flag.replace('_', '-')} fp32 needs fp32 base weights (the weights are bf16, the "
+            raise common.UserError(f"--{flag.replace('_', '-')} fp32 needs fp32 base weights (the weights are bf16, the "
                              f"default on {args.device}); expected --model-dtype float32 with it")
     args.train_bf16 = (args.train_precision or ("bf16" if dtype == "bfloat16" else "fp32")) == "bf16"
     args.sample_bf16 = (args.sample_precision or ("bf16" if dtype == "bfloat16" or common.bf16_is_fast(args.device) else "fp32")) == "bf16"
@@ -90,8 +107,14 @@ def sampling_defaults(args, bundle):
 # Command lines: every flag explains itself; a user error is one line and exit status 2
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the module docstring as written and each flag's default after its help."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows the module docstring as written and each flag's default after its help (unless the
+    help already says what an unset flag does)."""
+
+    def _get_help_string(self, action):
+        unset = any(action.default is v for v in (None, False, argparse.SUPPRESS)) or action.default == "" \
+            or "default" in (action.help or "")
+        return action.help if unset or not action.option_strings else f"{action.help} (default: %(default)s)"
 
 
 def parser(description):
@@ -221,7 +244,7 @@ def load_checkpoint(folder, policy, optimizer, rng):
     saved = {name: value for adapter in state["adapters"].values() for name, value in adapter.items()}
     for name, value in saved.items():
         if name not in params or params[name].shape != value.shape:
-            raise ValueError(f"checkpoint {folder}/checkpoint does not fit this model and LoRA: {name} "
+            raise common.UserError(f"checkpoint {folder}/checkpoint does not fit this model and LoRA: {name} "
                              f"{tuple(value.shape)} vs {tuple(params[name].shape) if name in params else 'absent'}; "
                              f"expected the same --model, LoRA rank and targets (and --objective) as the run that wrote it")
     with torch.no_grad():
@@ -245,6 +268,25 @@ def epoch_list(text):
     return epochs
 
 
+def add_run_arguments(p):
+    """The flags of a training run's bookkeeping (evaluation, checkpoints, resume), shared by stages 1 and 3."""
+    p.add_argument("--eval-every", type=nonnegative_int, default=5,
+                   help="epochs between test evaluations, and after the last (0: no evaluation)")
+    p.add_argument("--eval-at", type=epoch_list, default=None,
+                   help="e.g. 4,8: evaluate only after these epochs (0 = the start), instead of --eval-every")
+    p.add_argument("--eval-steps", type=positive_int, default=None,
+                   help="ODE steps at eval (default: the model's; paper: 40)")
+    p.add_argument("--eval-guidance", type=nonnegative_float, default=None,
+                   help="CFG at eval (default: the model's; paper: 4.5)")
+    p.add_argument("--save-every", type=nonnegative_int, default=1,
+                   help="epochs between atomic checkpoints (OUT/checkpoint), whatever the evaluation schedule: a "
+                        "killed run resumed with --resume redoes at most this many epochs (0: no checkpoints)")
+    p.add_argument("--max-bad-epochs", type=positive_int, default=3,
+                   help="consecutive non-finite epochs before stopping")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint; the result equals an uninterrupted run's")
+
+
 def evaluation_due(args, epoch):
     """Whether the test scores are taken after `epoch` (0 = the untrained start): at the --eval-at epochs
     when given (pipeline.py: only the curve's inner points, as eval.py scores the ends), else every
@@ -254,31 +296,34 @@ def evaluation_due(args, epoch):
     return args.eval_every > 0 and (epoch % args.eval_every == 0 or epoch == args.epochs)
 
 
+def checkpoint_due(args, epoch):
+    """Whether OUT/checkpoint is written after `epoch`: every --save-every epochs and after the last one
+    (--save-every 0: never), independent of the evaluations, so that a killed run loses little."""
+    return args.save_every > 0 and (epoch % args.save_every == 0 or epoch == args.epochs)
+
+
 def start_run(args, policy, optimizer, rng, evaluate):
     """Resumes from OUT/checkpoint with --resume, else starts OUT/log.jsonl with the untrained
     policy's test scores (`evaluate(None)`, where evaluation_due at epoch 0). Returns (last finished epoch, log)."""
-    if args.eval_every < 0:
-        raise ValueError(f"--eval-every {args.eval_every} is negative; expected a number of epochs, or 0 for no evaluation")
     os.makedirs(args.out, exist_ok=True)
     if args.resume and os.path.isdir(os.path.join(args.out, "checkpoint")):
         epoch, log = load_checkpoint(args.out, policy, optimizer, rng)
         print(f"resumed from {args.out}/checkpoint at epoch {epoch}")
-        return epoch, log
-    log = [{"epoch": 0, "trajectories": 0, **({"eval": evaluate(None)} if evaluation_due(args, 0) and args.rank == 0 else {})}]
-    if args.rank == 0:  # only the first process evaluates and writes
+    else:
+        epoch = 0
+        log = [{"epoch": 0, "trajectories": 0, **({"eval": evaluate(None)} if evaluation_due(args, 0) and args.rank == 0 else {})}]
+    if args.rank == 0:  # only the first process evaluates and writes; records after the checkpoint are redone
         with open(os.path.join(args.out, "log.jsonl"), "w") as f:
-            f.write(json.dumps(log[0]) + "\n")
-    return 0, log
+            f.writelines(json.dumps(record) + "\n" for record in log)
+    return epoch, log
 
 
 def end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate):
-    """The stages' shared end of an epoch: the test scores (`evaluate(png_path)`) where evaluation_due,
-    an atomic checkpoint with each periodic evaluation (every epoch with --eval-every 0 or --eval-at);
-    the record appended to the log and OUT/log.jsonl; a clear stop after --max-bad-epochs non-finite
-    epochs in a row, the last good checkpoint kept."""
+    """The stages' shared end of an epoch: the test scores (`evaluate(png_path)`) where evaluation_due;
+    the record appended to the log and OUT/log.jsonl; an atomic checkpoint where checkpoint_due; a clear
+    stop after --max-bad-epochs non-finite epochs in a row, the last good checkpoint kept."""
     epoch = record["epoch"]
     evaluating = evaluation_due(args, epoch)
-    due = evaluating or args.eval_at is not None or args.eval_every == 0  # when a checkpoint is written
     first = args.rank == 0  # only the first process evaluates and writes
     if evaluating and first:
         record["eval"] = evaluate(os.path.join(args.out, f"samples_epoch{epoch:04d}.png"))
@@ -291,8 +336,16 @@ def end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, eva
     if bad_epochs >= args.max_bad_epochs:
         raise SystemExit(f"stopping: {bad_epochs} epochs in a row had a non-finite loss or reward; the last "
                          f"good checkpoint is {args.out}/checkpoint")
-    if finite and due and first:
+    if finite and checkpoint_due(args, epoch) and first:
         save_checkpoint(args.out, policy, optimizer, epoch, rng, log)
+
+
+def finish_run(args, policy, what):
+    """A stage's last step: the EMA adapter published as OUT/adapter (peft format) by the first process."""
+    if args.rank == 0:
+        common.save_adapter(policy, "ema", os.path.join(args.out, "adapter"))
+        print(f"wrote {args.out}/adapter ({what}, peft format)")
+    end_distributed(args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +363,7 @@ def init_distributed(args):
             local_rank = int(os.environ.get("LOCAL_RANK", 0))
             gpus = torch.cuda.device_count()
             if local_rank >= gpus:
-                raise ValueError(f"process {local_rank} of {os.environ.get('LOCAL_WORLD_SIZE')} on this machine has no GPU "
+                raise common.UserError(f"process {local_rank} of {os.environ.get('LOCAL_WORLD_SIZE')} on this machine has no GPU "
                                  f"({gpus} visible); expected --nproc_per_node <= the GPU count, "
                                  f"or --device cpu")
             args.device = f"cuda:{local_rank}"
@@ -334,7 +387,7 @@ def check_divisible(args, **sizes):
     the single-process run takes, would differ)."""
     for flag, size in sizes.items():
         if size % args.world:
-            raise ValueError(f"--{flag.replace('_', '-')} {size} does not split over {args.world} processes; "
+            raise common.UserError(f"--{flag.replace('_', '-')} {size} does not split over {args.world} processes; "
                              f"expected a multiple of {args.world}")
 
 

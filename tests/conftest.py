@@ -85,3 +85,14 @@ def tiny_clip_dir(tmp_path_factory):
     CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
                   tokenizer=CLIPTokenizer(vocab=vocab, merges=[])).save_pretrained(folder)
     return str(folder)
+
+
+def cli_error(main, argv, capsys):
+    """Runs an entry point as its command line does (training.run_cli): asserts exit status 2 and a single
+    `error: ...` line on stderr, and returns that line."""
+    with pytest.raises(SystemExit) as stop:
+        training.run_cli(lambda: main(argv))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err

@@ -11,6 +11,7 @@ import torch
 import common
 import rewards
 import stage1_grpo as stage1
+from conftest import cli_error
 import training
 import toy_world
 
@@ -144,23 +145,23 @@ def test_resume_reproduces_the_next_epoch(tiny_model_dir, prompt_files, tmp_path
     assert os.path.isfile(tmp_path / "full" / "samples_epoch0002.png")
 
 
-def test_bad_input_is_a_clear_error(tiny_model_dir, prompt_files, tmp_path):
+def test_bad_input_is_a_clear_error(tiny_model_dir, prompt_files, tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown reward 'aesthetic'"):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--reward", "aesthetic"))
     with pytest.raises(ValueError, match="not a number"):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--reward", "geneval=x"))
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--train-prompts", str(tmp_path / "missing.jsonl")))
-    with pytest.raises(ValueError, match="--nft-shift -1.0 is not a time shift"):
-        stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-shift", "-1"))
+    assert "argument --nft-shift: '-1' is not a finite number > 0" in cli_error(
+        stage1.main, tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-shift", "-1"), capsys)
     with pytest.raises(ValueError, match="--nft-times, --nft-guidance only apply to --objective nft"):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--nft-times", "2", "--nft-guidance", "4.5"))
     with pytest.raises(ValueError, match="--nft-beta only apply to --objective nft"):  # even at its default value
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--nft-beta", "1.0"))
-    with pytest.raises(ValueError, match="--nft-old-decay 1.0 is not a decay"):
-        stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-old-decay", "1"))
-    with pytest.raises(ValueError, match="--nft-old-ramp -2 is not a number of epochs"):
-        stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-old-ramp", "-2"))
+    assert "argument --nft-old-decay: '1' is not a number in [0, 1)" in cli_error(
+        stage1.main, tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-old-decay", "1"), capsys)
+    assert "argument --nft-old-ramp: '-2' is not an integer >= 0" in cli_error(
+        stage1.main, tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-old-ramp", "-2"), capsys)
     with pytest.raises(ValueError, match="--nft-old-ramp 5 ramps --nft-old-decay, which is 0"):
         stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path, "--objective", "nft", "--nft-old-ramp", "5"))
     for flag in ("--train-precision", "--sample-precision", "--eval-precision"):  # autocast off on bf16 weights
@@ -295,7 +296,7 @@ def test_nft_objective_samples_odes_trains_lora_and_resumes_exactly(tiny_model_d
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in weights.items())  # the published EMA moved
 
 
-def test_eval_samples_per_prompt_repeats_prompts_with_new_seeds(tiny_model_dir, prompt_files, tmp_path):
+def test_eval_samples_per_prompt_repeats_prompts_with_new_seeds(tiny_model_dir, prompt_files, tmp_path, capsys):
     import eval as evaluate
     common_args = ["--model", tiny_model_dir, "--test-prompts", prompt_files[1], "--steps", "2"]
     evaluate.main([*common_args, "--samples-per-prompt", "3", "--out", str(tmp_path / "k3")])
@@ -308,5 +309,5 @@ def test_eval_samples_per_prompt_repeats_prompts_with_new_seeds(tiny_model_dir, 
     assert len({s["quality"] for s in singles}) == 3  # the seeds give different images
     for key in ("quality", "geneval"):  # equal up to float32 rounding: AVX-512 kernels round a batch of 12 and of 4 differently
         assert three[key] == pytest.approx(np.mean([s[key] for s in singles]), abs=1e-6), key
-    with pytest.raises(ValueError, match="--samples-per-prompt 0"):
-        evaluate.main([*common_args, "--samples-per-prompt", "0", "--out", str(tmp_path / "k0")])
+    assert "argument --samples-per-prompt: '0' is not a positive integer" in cli_error(
+        evaluate.main, [*common_args, "--samples-per-prompt", "0", "--out", str(tmp_path / "k0")], capsys)

@@ -518,20 +518,9 @@ def main(argv=None):
     if args.what == "peak":
         results["peak_bf16_gflops"] = matmul_peak(torch.bfloat16)
         results["peak_fp32_gflops"] = matmul_peak(torch.float32)
-    elif args.what == "loops":
-        loops(results)
-    elif args.what == "modes":
-        modes(results)
-    elif args.what == "pipeline":
-        pipeline_minutes(results)
-    elif args.what == "sampler":
-        sampler(results)
-    elif args.what == "overheads":
-        overheads(results)
-    elif args.what == "sd35m-gpu":
-        sd35m_gpu(results)
     else:
-        sd35m(results)
+        {"loops": loops, "modes": modes, "pipeline": pipeline_minutes, "sampler": sampler, "overheads": overheads,
+         "sd35m-gpu": sd35m_gpu, "sd35m": sd35m}[args.what](results)
     write(results, f"python bench.py {args.what}")
     print(json.dumps({k: v for k, v in results.items() if k != "commands"}, indent=1))
 

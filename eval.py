@@ -105,17 +105,36 @@ def evaluate_policy(bundle, policy, adapter, items, steps, guidance, out_png=Non
     return result
 
 
-def row_scores(scores, metas, columns):
-    """summarize plus the average of the table's columns."""
-    row = summarize(scores, metas)
-    row["average"] = float(np.mean([row[c] for c in columns if c in row and np.isfinite(row[c])]))
+def standard_errors(scores, samples_per_prompt=1):
+    """{"<reward>_se"}: the standard error of each reward's mean over the test prompts it judges. The
+    samples of one prompt (`scores` holds K blocks of the prompts, eval.py's order) are averaged first,
+    since K seeds of one prompt are not K independent draws of the test set: se = std(prompt means) / sqrt(n)."""
+    out = {}
+    for name, values in scores.items():
+        per_prompt = np.asarray(values, dtype=float).reshape(samples_per_prompt, -1).mean(0)
+        judged = per_prompt[np.isfinite(per_prompt)]
+        out[f"{name}_se"] = float(judged.std(ddof=1) / np.sqrt(len(judged))) if len(judged) > 1 else float("nan")
+    return out
+
+
+def row_scores(scores, metas, columns, samples_per_prompt=1):
+    """summarize, the standard error of each score, and the average of the table's columns (its standard
+    error treats the columns as independent: they are means over different prompts, except quality)."""
+    row = {**summarize(scores, metas), **standard_errors(scores, samples_per_prompt)}
+    shown = [c for c in columns if c in row and np.isfinite(row[c])]
+    row["average"] = float(np.mean([row[c] for c in shown]))
+    row["average_se"] = float(np.sqrt(sum(row.get(f"{c}_se", np.nan) ** 2 for c in shown)) / len(shown))
     return row
 
 
 def markdown_table(rows, columns):
+    """One line per row: each column's mean +- its standard error."""
+    def cell(r, c):
+        se = r.get(f"{c}_se", float("nan"))
+        return f"{r.get(c, float('nan')):.3f}" + (f" ± {se:.3f}" if np.isfinite(se) else "")
     head = "| model | " + " | ".join(TITLE[c] for c in columns) + " | average |\n" + "|---" * (len(columns) + 2) + "|\n"
-    return head + "".join(f"| {r['model']} | " + " | ".join(f"{r.get(c, float('nan')):.3f}" for c in (*columns, "average"))
-                          + " |\n" for r in rows)
+    return head + "".join(f"| {r['model']} | " + " | ".join(cell(r, c) for c in (*columns, "average")) + " |\n"
+                          for r in rows)
 
 
 def main(argv=None):
@@ -159,7 +178,7 @@ def main(argv=None):
         rows.append({"model": name, "adapter": path, "steps": steps, "guidance_scale": guidance, "seed": args.seed,
                      "samples_per_prompt": args.samples_per_prompt,
                      "eval_precision": "bf16" if args.eval_bf16 else "fp32",
-                     **row_scores(score(images, prompts, metas, names=names), metas, columns)})
+                     **row_scores(score(images, prompts, metas, names=names), metas, columns, args.samples_per_prompt)})
         shown_images.append(images[shown])
         print(markdown_table(rows[-1:], columns).splitlines()[-1])
     os.makedirs(args.out, exist_ok=True)

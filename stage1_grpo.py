@@ -16,7 +16,6 @@ CPU; the paper's SD3.5-M settings are given next to each flag.
 """
 import math
 import os
-import random
 import time
 
 import numpy as np
@@ -304,14 +303,9 @@ def parse_args(argv=None):
                    help="NFT: epochs over which that eta rises from 0 (default 0: no ramp)")
     p.add_argument("--train-prompts", default=None, help="comma-separated prompt files (default: by reward)")
     p.add_argument("--test-prompts", default=None, help="comma-separated prompt files (default: by reward)")
-    p.add_argument("--dataset", default="dataset", help="folder of the default prompt files")
-    p.add_argument("--out", required=True, help="run folder: log, grids, checkpoint, final adapter")
-    p.add_argument("--epochs", type=training.positive_int, default=20, help="sampling/training epochs")
     p.add_argument("--prompts-per-epoch", type=training.positive_int, default=8,
                    help="M (paper: 48 per GPU x 8 GPUs / G)")
     p.add_argument("--group-size", type=training.positive_int, default=8, help="G rollouts per prompt (paper: 24)")
-    p.add_argument("--steps", type=training.positive_int, default=10, help="SDE steps per rollout (paper: 10)")
-    p.add_argument("--noise-level", type=training.positive_float, default=0.7, help="a of M1 (paper: 0.7)")
     p.add_argument("--sde-window", type=training.nonnegative_int, default=0,
                    help="K > 0: only K SDE (trained) steps, Flow-GRPO-Fast (paper: 0)")
     p.add_argument("--guidance", type=training.nonnegative_float, default=None,
@@ -325,11 +319,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-rank", type=training.positive_int, default=32, help="LoRA rank (paper: 32)")
     p.add_argument("--lora-alpha", type=training.positive_int, default=64, help="LoRA alpha (paper: 64)")
     p.add_argument("--train-batch-size", type=training.positive_int, default=32, help="trajectories per backward chunk")
-    p.add_argument("--max-grad-norm", type=training.positive_float, default=1.0, help="gradient clipping (paper: 1.0)")
-    p.add_argument("--ema", type=training.probability, default=0.9,
-                   help="EMA decay of the published adapter, per epoch")
-    p.add_argument("--seed", type=int, default=0, help="prompts, noise")
-    training.add_run_arguments(p)  # --eval-every, --eval-at, --eval-steps, --eval-guidance, --save-every, --resume, ...
+    training.add_run_arguments(p)  # --out, --epochs, --steps, --noise-level, --ema, --seed, --eval-every, --resume, ...
     return p.parse_args(argv)
 
 
@@ -343,11 +333,7 @@ def main(argv=None):
     vars(args).update({name: default for name, default in nft_defaults.items() if getattr(args, name) is None})
     if args.nft_old_ramp > 0 and args.nft_old_decay == 0:  # a ramp to 0 would silently do nothing
         raise common.UserError(f"--nft-old-ramp {args.nft_old_ramp} ramps --nft-old-decay, which is 0; expected --nft-old-decay > 0 with it")
-    training.init_distributed(args)  # torchrun: one process per GPU (or CPU share), each on a shard of every batch
-    training.check_divisible(args, group_size=args.group_size, train_batch_size=args.train_batch_size)
-    args.local_batch_size = args.train_batch_size // args.world
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)  # the same on every process: they draw the same global batch
+    rng = training.start_processes(args, group_size=args.group_size, train_batch_size=args.train_batch_size)
     bundle = training.load_model_from_args(args)
     args.score, args.eval_rewards = rewards.from_args(args, bundle)
     training.sampling_defaults(args, bundle)

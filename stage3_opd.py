@@ -17,7 +17,6 @@ updated to reduce
 Teachers, anchor and student are adapters on ONE base model. No reward model runs during training.
 """
 import math
-import random
 import time
 
 import numpy as np
@@ -227,16 +226,11 @@ def parse_args(argv=None):
                    help="lambda of M5 (released: 0.04); 0 turns MAR off")
     p.add_argument("--schedule", choices=["sample", "epoch"], default="sample",
                    help="per-sample routing or one task per epoch")
-    p.add_argument("--dataset", default="dataset", help="folder of the default prompt files")
     p.add_argument("--train-prompts", default="", help="comma-separated prompt files (default: the teachers' tasks')")
     p.add_argument("--test-prompts", default="", help="comma-separated prompt files (default: the teachers' tasks')")
-    p.add_argument("--out", required=True, help="run folder: log, grids, checkpoint, final adapter")
-    p.add_argument("--epochs", type=training.positive_int, default=20, help="sampling/training epochs")
     p.add_argument("--rollouts-per-epoch", type=training.positive_int, default=32,
                    help="on-policy trajectories per epoch (one prompt each)")
     p.add_argument("--train-batch-size", type=training.positive_int, default=16, help="trajectories per optimizer step")
-    p.add_argument("--steps", type=training.positive_int, default=10, help="SDE steps per rollout (paper: 10)")
-    p.add_argument("--noise-level", type=training.positive_float, default=0.7, help="a of M1 (paper: 0.7)")
     p.add_argument("--guidance", type=training.nonnegative_float, default=None,
                    help="CFG of student, teachers and anchor (paper: 4.5)")
     p.add_argument("--clip-range", type=training.positive_float, default=1e-3,
@@ -246,11 +240,7 @@ def parse_args(argv=None):
                    help="student LoRA rank without --init (paper: 32)")
     p.add_argument("--lora-alpha", type=training.positive_int, default=64,
                    help="student LoRA alpha without --init (paper: 64)")
-    p.add_argument("--max-grad-norm", type=training.positive_float, default=1.0, help="gradient clipping (paper: 1.0)")
-    p.add_argument("--ema", type=training.probability, default=0.9,
-                   help="EMA decay of the published adapter, per epoch")
-    p.add_argument("--seed", type=int, default=0, help="prompts, noise")
-    training.add_run_arguments(p)  # --eval-every, --eval-at, --eval-steps, --eval-guidance, --save-every, --resume, ...
+    training.add_run_arguments(p)  # --out, --epochs, --steps, --noise-level, --ema, --seed, --eval-every, --resume, ...
     return p.parse_args(argv)
 
 
@@ -261,11 +251,8 @@ def main(argv=None):
     train_items = common.prompts_by_task(args.train_prompts, teachers, args.dataset, "train")
     test_items = [item for items in common.prompts_by_task(args.test_prompts, teachers, args.dataset, "test").values()
                   for item in items]
-    training.init_distributed(args)  # torchrun: one process per GPU (or CPU share), each on a shard of every batch
-    training.check_divisible(args, rollouts_per_epoch=args.rollouts_per_epoch, train_batch_size=args.train_batch_size)
-    args.local_batch_size = args.train_batch_size // args.world
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)  # the same on every process: they draw the same global batch
+    rng = training.start_processes(args, rollouts_per_epoch=args.rollouts_per_epoch,
+                                   train_batch_size=args.train_batch_size)
     bundle = training.load_model_from_args(args)
     score, eval_rewards = rewards.from_args(args, bundle)  # scorers run only at evaluation, never in training
     training.sampling_defaults(args, bundle)

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import re
 import sys
 
@@ -269,7 +270,16 @@ def epoch_list(text):
 
 
 def add_run_arguments(p):
-    """The flags of a training run's bookkeeping (evaluation, checkpoints, resume), shared by stages 1 and 3."""
+    """The flags stages 1 and 3 share: the run folder and length, the SDE sampler (M1), the update's
+    clipping and EMA, evaluation, checkpoints and resume."""
+    p.add_argument("--dataset", default="dataset", help="folder of the default prompt files")
+    p.add_argument("--out", required=True, help="run folder: log, grids, checkpoint, final adapter")
+    p.add_argument("--epochs", type=positive_int, default=20, help="sampling/training epochs")
+    p.add_argument("--steps", type=positive_int, default=10, help="SDE steps per rollout (paper: 10)")
+    p.add_argument("--noise-level", type=positive_float, default=0.7, help="a of M1 (paper: 0.7)")
+    p.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="gradient clipping (paper: 1.0)")
+    p.add_argument("--ema", type=probability, default=0.9, help="EMA decay of the published adapter, per epoch")
+    p.add_argument("--seed", type=int, default=0, help="prompts, noise")
     p.add_argument("--eval-every", type=nonnegative_int, default=5,
                    help="epochs between test evaluations, and after the last (0: no evaluation)")
     p.add_argument("--eval-at", type=epoch_list, default=None,
@@ -370,6 +380,17 @@ def init_distributed(args):
             torch.cuda.set_device(args.device)
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
         atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
+
+
+def start_processes(args, **global_batches):
+    """A training stage's start under torchrun (or alone): joins the process group, checks that every global
+    batch splits over the processes, sets args.local_batch_size (this process's share of --train-batch-size),
+    seeds torch, and returns the Python RNG that every process shares, so that all draw the same global batch."""
+    init_distributed(args)
+    check_divisible(args, **global_batches)
+    args.local_batch_size = args.train_batch_size // args.world
+    torch.manual_seed(args.seed)
+    return random.Random(args.seed)
 
 
 def end_distributed(args):

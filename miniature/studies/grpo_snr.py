@@ -8,13 +8,13 @@ import os, random, sys
 import numpy as np
 import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import common, stage1_grpo as s1
+import common, training, stage1_grpo as s1
 reward = sys.argv[1]; window = int(sys.argv[2]); M = int(sys.argv[3])
 args = s1.parse_args(["--reward", reward, "--out", "/tmp/snr", "--sde-window", str(window), "--prompts-per-epoch", str(M), "--train-batch-size", "64", "--beta", "0"])
 args.rewards = s1.parse_rewards(args.reward)
-bundle = common.load_model(args.model)
+bundle = training.load_model(args.model)
 args.guidance = 4.5; args.negative = bundle.encode([""])
-policy = common.make_policy(bundle.transformer, 32, 64)
+policy = training.make_policy(bundle.transformer, 32, 64)
 train, test = s1.default_prompt_files(args.rewards, "dataset")
 items = [it for f in train for it in common.load_prompts(f)]
 params = [p for p in policy.parameters() if p.requires_grad]

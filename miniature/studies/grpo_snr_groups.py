@@ -10,7 +10,7 @@ the same steps. Usage: python miniature/studies/grpo_snr_groups.py REWARD START 
 import os, random, sys, time
 import numpy as np, torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import common, stage1_grpo as s1
+import common, training, stage1_grpo as s1
 reward, start, window, noise, M = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 bf16 = len(sys.argv) > 6 and sys.argv[6] == "bf16"
 args = s1.parse_args(["--reward", reward, "--out", "/tmp/snr", "--sde-window", str(window), "--prompts-per-epoch", str(M),
@@ -18,14 +18,14 @@ args = s1.parse_args(["--reward", reward, "--out", "/tmp/snr", "--sde-window", s
 args.rewards = s1.parse_rewards(args.reward)
 args.world, args.rank = 1, 0
 torch.manual_seed(0)
-bundle = common.load_model(args.model)
+bundle = training.load_model(args.model)
 args.score, args.eval_rewards = s1.rewards.from_args(args, bundle)
-common.sampling_defaults(args, bundle)
+training.sampling_defaults(args, bundle)
 args.train_bf16 = bf16
 args.local_batch_size = 8
 if window > 0:
     s1.sde_window = lambda a, r: list(range(start, start + window))
-policy = common.make_policy(bundle.transformer, 32, 64)
+policy = training.make_policy(bundle.transformer, 32, 64)
 train, test = s1.default_prompt_files(args.rewards, "dataset")
 items = [it for f in train for it in common.load_prompts(f)]
 params = [p for p in policy.parameters() if p.requires_grad]

@@ -1,0 +1,25 @@
+"""eval.py's uncertainty: each score's standard error over the test prompts, a prompt's seeds averaged first."""
+import numpy as np
+import pytest
+
+import eval as evaluation
+
+
+def test_standard_errors_average_each_prompts_seeds_first():
+    # 2 seeds x 3 prompts in eval.py's order (seed block after seed block); prompt 3 is not judged (NaN)
+    scores = {"ocr": np.array([0.0, 1.0, np.nan, 1.0, 1.0, np.nan])}
+    prompt_means = [0.5, 1.0]
+    assert evaluation.standard_errors(scores, 2)["ocr_se"] == pytest.approx(np.std(prompt_means, ddof=1) / np.sqrt(2))
+    # read as 6 prompts of one seed each, the same numbers give a different (smaller-n) error
+    assert evaluation.standard_errors(scores, 1)["ocr_se"] == pytest.approx(np.std([0, 1, 1, 1], ddof=1) / 2)
+    assert np.isnan(evaluation.standard_errors({"x": np.array([1.0, np.nan])})["x_se"])  # one prompt: unknown
+
+
+def test_rows_and_the_table_carry_the_errors():
+    scores = {"geneval_strict": np.array([1.0, 0.0, 1.0, 1.0, np.nan]), "ocr": np.array([np.nan] * 4 + [0.5])}
+    metas = [{"tag": "colors"}] * 4 + [None]
+    row = {"model": "m", **evaluation.row_scores(scores, metas, ["geneval_strict", "ocr"])}
+    assert row["geneval_strict"] == 0.75 and row["geneval_strict_se"] == pytest.approx(0.25)
+    assert row["average"] == pytest.approx((0.75 + 0.5) / 2) and np.isnan(row["average_se"])  # one OCR prompt
+    line = evaluation.markdown_table([row], ["geneval_strict", "ocr"]).splitlines()[-1]
+    assert line.startswith("| m | 0.750 ± 0.250 | 0.500 |")

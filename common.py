@@ -50,7 +50,8 @@ class UserError(ValueError):
 def velocity(model, x, sigma, embeds, pooled, guidance_scale=1.0, negative=None, **model_kwargs):
     """v = v_uncond + w (v_cond - v_uncond) (METHOD.md §0); one batched call, or a single conditional
     call when w == 1. `negative` is (embeds, pooled) of the empty prompt, batch 1 or B. `sigma` is a
-    float or a (B,) tensor; the model is fed timestep = 1000 sigma."""
+    float or a (B,) tensor; the model is fed timestep = 1000 sigma. Needs only torch: `model` is any
+    diffusers SD3 transformer (or peft wrapper of one), so it can be copied into another codebase."""
     batch = x.shape[0]
     names = model_kwargs.get("adapter_names")
     if names is not None and len(names) != batch:  # peft would raise AND leave its hooks attached
@@ -118,7 +119,8 @@ def sde_step(x, v, sigma, sigma_next, sigma_1, noise_level, noise=None, x_next=N
       x_next = mu + s sqrt|D| eps
       log p  = mean_d [ -(x_next - mu)^2 / (2 s^2 |D|) - log(s sqrt|D|) - log(2 pi) / 2 ]
     Pass `x_next` to score a stored transition instead of sampling one. With noise_level 0 the step
-    is exactly the Euler ODE step x + v D and log_prob is None (a point mass has no density)."""
+    is exactly the Euler ODE step x + v D and log_prob is None (a point mass has no density).
+    Plain tensors and floats in and out: copy it with sde_std and _as_batch, it needs only torch."""
     x, v = x.float(), v.float()
     sigma_b, delta = _as_batch(sigma, x), _as_batch(sigma_next, x) - _as_batch(sigma, x)
     if noise_level == 0:
@@ -138,7 +140,8 @@ def step_kl(v_student, v_teacher, sigma, sigma_next, sigma_1, noise_level, weigh
     per sample (B,):
       paper: KL_j = ||mu_s - mu_t||^2 / (2 s^2 |D|) = (|D| / 2) (c / s)^2 ||v_s - v_t||^2,
              c = 1 + s^2 (1 - sigma) / (2 sigma)
-      code:  mean_d (mu_s - mu_t)^2 / (2 s^2)       = KL_j |D| / D_dims   (the released code)"""
+      code:  mean_d (mu_s - mu_t)^2 / (2 s^2)       = KL_j |D| / D_dims   (the released code)
+    Plain tensors and floats in and out: copy it with sde_std and _as_batch, it needs only torch."""
     v_student, v_teacher = v_student.float(), v_teacher.float()
     sigma_b = _as_batch(sigma, v_student)
     delta = _as_batch(sigma_next, v_student) - sigma_b
@@ -226,7 +229,8 @@ GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position",
 def route(prompt, metadata, tasks):
     """R(c): the task (teacher) of one prompt. From its metadata tag where present (a GenEval tag ->
     'geneval', or an explicit "task"), else by rule: quoted text -> 'ocr', otherwise 'geneval'.
-    A prompt whose task is not among `tasks` is an error."""
+    A prompt whose task is not among `tasks` is a plain ValueError. Needs only `re` and GENEVAL_TAGS:
+    strings and dicts in, a string out, so it can be copied into another codebase."""
     metadata = metadata or {}
     if "task" in metadata:
         task = metadata["task"]

@@ -186,19 +186,21 @@ def rollout(model, embeds, pooled, latent_shape, sigmas, seeds, noise_level=0.7,
     `noise_level`: one a for every step, or a list of N (0 = a deterministic ODE step, as outside
     Flow-GRPO-Fast's SDE window). `init_seeds`: seeds of the initial noise when it must differ from
     `seeds` (e.g. one start shared by a GRPO group). Returns {"states": (B, N+1, C, h, w) x_0..x_N,
-    "log_probs": (B, N) (0 at ODE steps) or None (all ODE), "sigmas": (N+1,), "images": decode(x_N) or None}."""
+    "velocities": (B, N, C, h, w) the sampling policy's v at x_0..x_N-1, "log_probs": (B, N) (0 at ODE
+    steps) or None (all ODE), "sigmas": (N+1,), "images": decode(x_N) or None}."""
     levels = list(noise_level) if isinstance(noise_level, (list, tuple)) else [noise_level] * (len(sigmas) - 1)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     starts = generators if init_seeds is None else [torch.Generator().manual_seed(int(s)) for s in init_seeds]
     x = per_sample_noise(starts, latent_shape, embeds.device)
-    states, log_probs = [x], []
+    states, velocities, log_probs = [x], [], []
     for j in range(len(sigmas) - 1):
         v = velocity(model, x, sigmas[j], embeds, pooled, guidance_scale, negative, **model_kwargs)
+        velocities.append(v.float())
         noise = per_sample_noise(generators, latent_shape, x.device) if levels[j] > 0 else None
         x, log_prob, _, _ = sde_step(x, v, sigmas[j], sigmas[j + 1], sigmas[1], levels[j], noise)
         states.append(x)
         log_probs.append(log_prob if log_prob is not None else torch.zeros(len(x), device=x.device))
-    return {"states": torch.stack(states, 1), "sigmas": sigmas,
+    return {"states": torch.stack(states, 1), "velocities": torch.stack(velocities, 1), "sigmas": sigmas,
             "log_probs": torch.stack(log_probs, 1) if any(a > 0 for a in levels) else None,
             "images": decode(x) if decode is not None else None}
 
@@ -214,7 +216,7 @@ def rollout_chunks(model, embeds, pooled, latent_shape, sigmas, seeds, chunk_siz
         with autocast(embeds.device, bf16):
             chunks.append(rollout(model, embeds[part], pooled[part], latent_shape, sigmas, seeds[part], noise_level,
                                   guidance_scale, negative, decode, init_seeds[part] if init_seeds else None))
-    out = {key: torch.cat([c[key] for c in chunks]) for key in ("states", "log_probs", "images")
+    out = {key: torch.cat([c[key] for c in chunks]) for key in ("states", "velocities", "log_probs", "images")
            if chunks[0][key] is not None}
     return {"images": None, "log_probs": None, **out, "sigmas": sigmas}
 

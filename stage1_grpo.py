@@ -215,6 +215,7 @@ def train_on_epoch(policy, batch, advantages, informative, optimizer, args):
             optimizer.zero_grad(set_to_none=True)
             return stats
         training.optimizer_step(params, optimizer, args)
+        training.update_published_ema(policy, optimizer, args.ema)
         stats["updates"] += 1
     for key in ("loss", "kl", "clip_frac"):
         stats[key] /= max(1, stats["updates"])
@@ -261,6 +262,7 @@ def train_nft_epoch(policy, batch, advantages, informative, optimizer, args):
                 optimizer.zero_grad(set_to_none=True)
                 return stats
             training.optimizer_step(params, optimizer, args)
+            training.update_published_ema(policy, optimizer, args.ema)
             stats["updates"] += 1
     stats["loss"] /= max(1, stats["updates"])
     return stats
@@ -370,8 +372,6 @@ def main(argv=None):
         stats = train(policy, batch, advantages, informative, optimizer, args) if np.isfinite(advantages).all() else None
         finite = stats is not None and math.isfinite(stats["loss"])
         bad_epochs = 0 if finite else bad_epochs + 1
-        if finite:
-            training.update_ema(policy, args.ema)
         groups = batch["groups"]
         record = {"epoch": epoch, "trajectories": epoch * args.prompts_per_epoch * args.group_size,
                   "reward_mean": float(np.nanmean(reward)), "reward_std": float(np.nanstd(reward)),

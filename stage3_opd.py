@@ -143,16 +143,28 @@ def sample_epoch(policy, bundle, picked, teachers, args, seed):
 # The update
 
 
+def update_plan(total, per_update, chunk):
+    """[[(start, end) of each backward chunk] of each optimizer update] over an epoch's `total` trajectories:
+    updates of `per_update` trajectories (the last may be smaller), each one's gradient accumulated over chunks
+    of at most `chunk` trajectories (--train-batch-size: what fits in memory). The update is the same as
+    one backward pass over all of its trajectories (a test)."""
+    return [[(s, min(s + chunk, u + per_update, total)) for s in range(u, min(u + per_update, total), chunk)]
+            for u in range(0, total, per_update)]
+
+
 def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
-    """One optimizer step per chunk of trajectories, gradients accumulated over all N steps (M4 + M5).
-    Under torchrun each process trains on its shard of every chunk, its loss weighted by its share of
-    the chunk, and the gradients are summed over processes. Returns the epoch's statistics, with the KL
-    to the teacher per task (in --kl-weighting units)."""
+    """--inner-epochs passes over the epoch's trajectories, each in --updates-per-epoch optimizer updates of
+    the mean loss over their trajectories and all N steps (M4 + M5), gradients accumulated over chunks of
+    --train-batch-size. Under torchrun each process trains on its shard of every chunk, its loss weighted by
+    its share of the update, and the gradients are summed over processes. Returns the epoch's statistics: the
+    loss and the KL to each task's teacher and to the anchor of the first, on-policy pass (--kl-weighting
+    units), and per pass the mean KL of the student, as it was updated, to the policy that sampled the
+    trajectories ("kl_to_sampler": how far reusing them has drifted off-policy)."""
     states, sigmas, steps = batch["states"], batch["sigmas"], len(batch["sigmas"]) - 1
     routes, tasks, device = np.array(batch["routes"]), sorted(batch["task_counts"]), states.device
     total = len(states) * args.world  # trajectories in the global batch
     stats = {"loss": 0.0, "kl_anchor": 0.0, "ratio_min": math.inf, "ratio_max": -math.inf, "updates": 0,
-             **{f"kl_teacher_{t}": 0.0 for t in tasks}}
+             **{f"kl_teacher_{t}": 0.0 for t in tasks}, "kl_to_sampler": []}
     advantages = None
     if args.objective == "ppo":
         rewards = torch.stack([sampled_log_ratio(states[:, j], states[:, j + 1], v_teacher[:, j], batch["log_probs"][:, j],
@@ -160,46 +172,57 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
                                                  states[0, 0].numel(), args.kl_weighting) for j in range(steps)], 1)
         advantages = reward_to_go(rewards, args.gamma)
     params = [p for p in policy.parameters() if p.requires_grad]
-    for start in range(0, total, args.train_batch_size):
-        chunk = min(args.train_batch_size, total - start)  # trajectories in this chunk of the global batch
-        idx = torch.arange(start // args.world, (start + chunk) // args.world)
-        share = len(idx) / chunk / steps  # of the chunk's mean
-        task_of = torch.as_tensor(np.stack([routes[idx.numpy()] == t for t in tasks]), dtype=torch.float32, device=device)
-        sums = torch.zeros(2 + len(tasks), device=device)  # loss, KL to anchor, KL to each task's teacher (sums)
-        ratio_min, ratio_max = torch.full((), math.inf, device=device), torch.full((), -math.inf, device=device)
-        optimizer.zero_grad(set_to_none=True)
-        for j in range(steps):
-            x, x_next = states[idx, j], states[idx, j + 1]
-            with common.autocast(x.device, args.train_bf16):
-                v = common.velocity(policy, x, sigmas[j], batch["embeds"][idx], batch["pooled"][idx], args.guidance,
-                                    args.negative)
-            loss, kl, ratio = opd_step_loss(args.objective, v, v_teacher[idx, j], x, x_next, batch["log_probs"][idx, j],
-                                            None if advantages is None else advantages[idx, j], sigmas, j,
-                                            args.noise_level, args.kl_weighting, args.clip_range)
-            kl_anchor = torch.zeros(len(idx), device=device)
-            if v_anchor is not None:
-                kl_anchor = common.step_kl(v, v_anchor[idx, j], sigmas[j], sigmas[j + 1], sigmas[1], args.noise_level,
-                                           args.kl_weighting)
-                loss = loss + args.mar_lambda * kl_anchor.mean()
-            (loss * share).backward()
-            sums += torch.cat([torch.stack([loss.detach() * len(idx), kl_anchor.detach().sum()]),
-                               task_of @ kl.detach()]) / steps
-            if ratio is not None:
-                ratio_min = torch.minimum(ratio_min, ratio.detach().min())
-                ratio_max = torch.maximum(ratio_max, ratio.detach().max())
-        sums = training.all_reduce(sums, args)
-        chunk_loss = sums[0].item() / chunk
-        stats["loss"] += sums[0].item() / total
-        stats["kl_anchor"] += sums[1].item() / total
-        for t, kl_sum in zip(tasks, sums[2:].tolist()):
-            stats[f"kl_teacher_{t}"] += kl_sum / batch["task_counts"][t]
-        stats["ratio_min"] = min(stats["ratio_min"], training.all_reduce(ratio_min, args, "min").item())
-        stats["ratio_max"] = max(stats["ratio_max"], training.all_reduce(ratio_max, args, "max").item())
-        if not math.isfinite(chunk_loss):
+    per_update = total // args.updates_per_epoch if args.updates_per_epoch else args.train_batch_size
+    for inner in range(args.inner_epochs):
+        drift = torch.zeros((), device=device)  # sum over trajectories of the mean-over-steps KL to the sampler
+        for update in update_plan(total, per_update, args.train_batch_size):
+            size = update[-1][1] - update[0][0]  # trajectories in this update (global batch)
+            sums = torch.zeros(2 + len(tasks), device=device)  # loss, KL to anchor, KL to each task's teacher (sums)
+            ratio_min, ratio_max = torch.full((), math.inf, device=device), torch.full((), -math.inf, device=device)
             optimizer.zero_grad(set_to_none=True)
-            return stats
-        training.optimizer_step(params, optimizer, args)
-        stats["updates"] += 1
+            for start, end in update:
+                idx = torch.arange(start // args.world, end // args.world)
+                share = len(idx) / size / steps  # of the update's mean
+                task_of = torch.as_tensor(np.stack([routes[idx.numpy()] == t for t in tasks]), dtype=torch.float32,
+                                          device=device)
+                for j in range(steps):
+                    x, x_next = states[idx, j], states[idx, j + 1]
+                    with common.autocast(x.device, args.train_bf16):
+                        v = common.velocity(policy, x, sigmas[j], batch["embeds"][idx], batch["pooled"][idx],
+                                            args.guidance, args.negative)
+                    loss, kl, ratio = opd_step_loss(args.objective, v, v_teacher[idx, j], x, x_next,
+                                                    batch["log_probs"][idx, j],
+                                                    None if advantages is None else advantages[idx, j], sigmas, j,
+                                                    args.noise_level, args.kl_weighting, args.clip_range)
+                    kl_anchor = torch.zeros(len(idx), device=device)
+                    if v_anchor is not None:
+                        kl_anchor = common.step_kl(v, v_anchor[idx, j], sigmas[j], sigmas[j + 1], sigmas[1],
+                                                   args.noise_level, args.kl_weighting)
+                        loss = loss + args.mar_lambda * kl_anchor.mean()
+                    (loss * share).backward()
+                    sums += torch.cat([torch.stack([loss.detach() * len(idx), kl_anchor.detach().sum()]),
+                                       task_of @ kl.detach()]) / steps
+                    drift += common.step_kl(v.detach(), batch["velocities"][idx, j], sigmas[j], sigmas[j + 1], sigmas[1],
+                                            args.noise_level, args.kl_weighting).sum() / steps
+                    if ratio is not None:
+                        ratio_min = torch.minimum(ratio_min, ratio.detach().min())
+                        ratio_max = torch.maximum(ratio_max, ratio.detach().max())
+            sums = training.all_reduce(sums, args)
+            if inner == 0:  # the on-policy pass
+                stats["loss"] += sums[0].item() / total
+                stats["kl_anchor"] += sums[1].item() / total
+                for t, kl_sum in zip(tasks, sums[2:].tolist()):
+                    stats[f"kl_teacher_{t}"] += kl_sum / batch["task_counts"][t]
+            stats["ratio_min"] = min(stats["ratio_min"], training.all_reduce(ratio_min, args, "min").item())
+            stats["ratio_max"] = max(stats["ratio_max"], training.all_reduce(ratio_max, args, "max").item())
+            if not math.isfinite(sums[0].item()):
+                optimizer.zero_grad(set_to_none=True)
+                stats["loss"] = math.nan
+                return stats
+            training.optimizer_step(params, optimizer, args)
+            training.update_published_ema(policy, optimizer, args.ema)
+            stats["updates"] += 1
+        stats["kl_to_sampler"].append(training.all_reduce(drift, args).item() / total)
     if args.objective == "pathwise":  # no policy ratio; and JSON has no infinity
         del stats["ratio_min"], stats["ratio_max"]
     return stats
@@ -230,7 +253,14 @@ def parse_args(argv=None):
     p.add_argument("--test-prompts", default="", help="comma-separated prompt files (default: the teachers' tasks')")
     p.add_argument("--rollouts-per-epoch", type=training.positive_int, default=32,
                    help="on-policy trajectories per epoch (one prompt each)")
-    p.add_argument("--train-batch-size", type=training.positive_int, default=16, help="trajectories per optimizer step")
+    p.add_argument("--train-batch-size", type=training.positive_int, default=16,
+                   help="trajectories per backward chunk: what fits in memory (gradients of an update accumulate over chunks)")
+    p.add_argument("--updates-per-epoch", type=training.positive_int, default=None,
+                   help="optimizer updates per pass over an epoch's trajectories, each the mean over an equal share of "
+                        "them (default: one per --train-batch-size chunk)")
+    p.add_argument("--inner-epochs", type=training.positive_int, default=1,
+                   help="passes over each epoch's trajectories: the states are fixed and the guides' velocities cached, "
+                        "so later passes cost only the student's passes; the log's kl_to_sampler shows the drift")
     p.add_argument("--guidance", type=training.nonnegative_float, default=None,
                    help="CFG of student, teachers and anchor (paper: 4.5)")
     p.add_argument("--clip-range", type=training.positive_float, default=1e-3,
@@ -251,8 +281,12 @@ def main(argv=None):
     train_items = common.prompts_by_task(args.train_prompts, teachers, args.dataset, "train")
     test_items = [item for items in common.prompts_by_task(args.test_prompts, teachers, args.dataset, "test").values()
                   for item in items]
+    if args.updates_per_epoch and args.rollouts_per_epoch % args.updates_per_epoch:
+        raise common.UserError(f"--updates-per-epoch {args.updates_per_epoch} does not divide --rollouts-per-epoch "
+                               f"{args.rollouts_per_epoch}; expected equal updates, e.g. a divisor of it")
     rng = training.start_processes(args, rollouts_per_epoch=args.rollouts_per_epoch,
-                                   train_batch_size=args.train_batch_size)
+                                   train_batch_size=args.train_batch_size,
+                                   trajectories_per_update=args.rollouts_per_epoch // (args.updates_per_epoch or 1))
     bundle = training.load_model_from_args(args)
     score, eval_rewards = rewards.from_args(args, bundle)  # scorers run only at evaluation, never in training
     training.sampling_defaults(args, bundle)
@@ -275,8 +309,6 @@ def main(argv=None):
         stats = train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args)
         finite = math.isfinite(stats["loss"])
         bad_epochs = 0 if finite else bad_epochs + 1
-        if finite:
-            training.update_ema(policy, args.ema)
         record = {"epoch": epoch, "trajectories": epoch * args.rollouts_per_epoch, "task": task or "mixed",
                   "seconds": time.time() - start, **stats, "skipped_update": not finite}
         training.end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate)

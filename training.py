@@ -217,6 +217,24 @@ def update_ema(policy, decay, target="ema"):
                 param.lerp_(params[name.replace(f".{target}.", ".student.")], 1 - decay)
 
 
+def ema_decay(decay, updates):
+    """The published EMA's decay at its `updates`-th update (1, 2, ...), bias-corrected like Adam's moments:
+    d_t = decay (1 - decay^(t-1)) / (1 - decay^t). After N updates the "ema" adapter is then
+        ema_N = sum_k w_k student_k,   w_k = (1 - decay) decay^(N-k) / (1 - decay^N),   k = 1..N,
+    the students after each update: the starting adapter (a cold start or a fresh LoRA) has weight 0 from
+    the first update on, so a short run cannot publish its start. decay 0 publishes the student itself."""
+    return 0.0 if decay == 0 else decay * (1 - decay ** (updates - 1)) / (1 - decay ** updates)
+
+
+def update_published_ema(policy, optimizer, decay):
+    """After an optimizer step: "ema" <- the bias-corrected EMA of the student (ema_decay). The updates are
+    counted in the optimizer's first parameter group, which its state_dict carries into checkpoints, so a
+    resumed run continues the same average."""
+    group = optimizer.param_groups[0]
+    group["ema_updates"] = group.get("ema_updates", 0) + 1
+    update_ema(policy, ema_decay(decay, group["ema_updates"]))
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints and the epoch bookkeeping of every stage
 
@@ -278,7 +296,9 @@ def add_run_arguments(p):
     p.add_argument("--steps", type=positive_int, default=10, help="SDE steps per rollout (paper: 10)")
     p.add_argument("--noise-level", type=positive_float, default=0.7, help="a of M1 (paper: 0.7)")
     p.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="gradient clipping (paper: 1.0)")
-    p.add_argument("--ema", type=probability, default=0.9, help="EMA decay of the published adapter, per epoch")
+    p.add_argument("--ema", type=probability, default=0.9,
+                   help="decay of the published adapter's EMA of the student, per optimizer update and bias-corrected "
+                        "(training.ema_decay: the start weighs 0 after the first update); 0 publishes the student")
     p.add_argument("--seed", type=int, default=0, help="prompts, noise")
     p.add_argument("--eval-every", type=nonnegative_int, default=5,
                    help="epochs between test evaluations, and after the last (0: no evaluation)")

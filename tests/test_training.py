@@ -1,0 +1,36 @@
+"""The published EMA: per optimizer update, bias-corrected, with the weights its docstring states."""
+import pytest
+import torch
+
+import training
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.9])
+def test_ema_after_n_updates_weighs_the_students_as_documented_and_the_start_zero(tiny_model_dir, decay):
+    policy = training.make_policy(training.load_model(tiny_model_dir).transformer, 4, 8)
+    student = {n: p for n, p in policy.named_parameters() if ".student." in n}
+    optimizer = torch.optim.AdamW(list(student.values()), lr=0.0)  # steps are counted, weights set by hand
+    start = {n: p.detach().clone() for n, p in student.items()}
+    states, n_updates = [], 5
+    for k in range(1, n_updates + 1):
+        with torch.no_grad():
+            for p in student.values():
+                p.normal_(0, 1)
+                p.grad = torch.zeros_like(p)
+        optimizer.step()
+        states.append({n: p.detach().clone() for n, p in student.items()})
+        training.update_published_ema(policy, optimizer, decay)
+    weights = [(1 - decay) * decay ** (n_updates - k) / (1 - decay ** n_updates) for k in range(1, n_updates + 1)]
+    assert sum(weights) == pytest.approx(1.0)
+    ema = {n.replace(".ema.", ".student."): p for n, p in policy.named_parameters() if ".ema." in n}
+    for name in student:
+        expected = sum(w * s[name] for w, s in zip(weights, states))  # the start's weight: 0
+        torch.testing.assert_close(ema[name], expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(ema[name], start[name])
+
+
+def test_ema_decay_is_the_bias_corrected_recursion():
+    assert training.ema_decay(0.9, 1) == 0.0  # the first update replaces the start
+    assert training.ema_decay(0.9, 2) == pytest.approx(0.9 * 0.1 / (1 - 0.81))
+    assert training.ema_decay(0.9, 1000) == pytest.approx(0.9)  # a long run: the plain EMA
+    assert training.ema_decay(0.0, 7) == 0.0

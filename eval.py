@@ -127,6 +127,11 @@ def row_scores(scores, metas, columns, samples_per_prompt=1):
     return row
 
 
+def gain_kept(score, base, teacher):
+    """The share of a teacher's gain over the base that a model keeps on the teacher's task (1 = all of it)."""
+    return (score - base) / (teacher - base) if teacher != base else float("nan")
+
+
 def markdown_table(rows, columns):
     """One line per row: each column's mean +- its standard error."""
     def cell(r, c):

@@ -8,6 +8,8 @@ r"""Stage 2: a cold start for the student near all teachers (METHOD.md M6).
 merge: one peft adapter from K teacher LoRAs dW_k = (alpha / r) B_k A_k with weights w_k:
   delta  exact  sum_k w_k dW_k, as a rank-(sum r_k) adapter (peft's "cat" combination)
   svd    that same sum re-factored to rank r by a truncated SVD (peft's "svd" combination)
+  ties   TIES-merging of the dW_k (trim to --density, elect signs, weighted disjoint sum), refactored to
+         rank sum r_k (peft's "ties_svd"); dare: DARE (random drop to --density, rescale), the same way
   ab     the released rule: A = sum_k w_k A_k, B = sum_k w_k B_k (NOT the average of dW: it adds the
          cross terms B_k A_l and scales matching terms by w_k^2), kept for comparison
 sft: each teacher samples its own task's training prompts (deterministic ODE, the model's eval
@@ -15,8 +17,14 @@ settings); a fresh student LoRA is then fitted with the rectified-flow loss on t
 bestofn: the released script's cold start (and, with one --reward, the miniature world's quick
 teachers): N base samples per prompt, the best by reward kept, a fresh LoRA fitted to them.
     python stage2_coldstart.py bestofn --reward geneval --out runs/teacher-geneval
+search: the merge chosen on a VALIDATION split carved from the training prompts (never a test prompt):
+every --candidates rule:weights is scored there, with the base and each teacher, on each task's graded
+reward (GenEval's partial credit: a pass rate over a few dozen prompts moves in steps of 1/n), and the one
+whose worse task keeps the largest share of its teacher's gain over the base is written.
+    python stage2_coldstart.py search --teachers ... --candidates "delta:0.5,0.5;delta:1,1;ties:1,1" --out runs/merge
 All write OUT/adapter, a peft folder that stage3_opd.py takes as --init (or as a teacher).
 """
+import dataclasses
 import json
 import os
 import random
@@ -51,14 +59,24 @@ def parse_weights(text, k):
 # merge (M6)
 
 
-def merge_peft(transformer, teachers, weights, rule, svd_rank=None):
+PEFT_COMBINATION = {"delta": "cat", "svd": "svd", "ties": "ties_svd", "dare": "dare_linear_svd"}
+
+
+def add_merge(model, names, weights, rule, name, svd_rank=None, density=0.5):
+    """Adds adapter `name`, the `rule` merge of the loaded adapters `names` with `weights` (M6), to a PeftModel.
+    svd, ties and dare are refactored to rank `svd_rank`; by default svd truncates to a teacher's rank, ties
+    and dare keep the sum of the teachers' ranks."""
+    ranks = [model.peft_config[n].r for n in names]
+    default_rank = ranks[0] if rule == "svd" else sum(ranks)
+    model.add_weighted_adapter(names, weights, name, combination_type=PEFT_COMBINATION[rule],
+                               svd_rank=None if rule == "delta" else (svd_rank or default_rank), density=density)
+
+
+def merge_peft(transformer, teachers, weights, rule, svd_rank=None, density=0.5):
     """The weighted merge of teacher adapters as a PeftModel whose adapter "merged" holds it
-    (rule "delta": exact sum of w_k dW_k; "svd": its rank-`svd_rank` truncation)."""
-    names = list(teachers)
+    (rule "delta": exact sum of w_k dW_k; "svd": its rank-`svd_rank` truncation; "ties", "dare": add_merge)."""
     model = evaluation.load_adapters(transformer, list(teachers.items()))
-    combination = {"delta": "cat", "svd": "svd"}[rule]
-    model.add_weighted_adapter(names, weights, "merged", combination_type=combination,
-                               svd_rank=svd_rank if rule == "svd" else None)
+    add_merge(model, list(teachers), weights, rule, "merged", svd_rank, density)
     return model
 
 
@@ -84,10 +102,74 @@ def merge(args):
         merge_ab(teachers, weights, out)
     else:
         bundle = training.load_model_from_args(args)
-        model = merge_peft(bundle.transformer, teachers, weights, args.rule,
-                           args.svd_rank or common.adapter_layout(next(iter(teachers.values())))[0])
+        model = merge_peft(bundle.transformer, teachers, weights, args.rule, args.svd_rank, args.density)
         common.save_adapter(model, "merged", out)
     print(f"wrote {out} ({args.rule} merge of {', '.join(f'{w:g} x {t}' for t, w in zip(teachers, weights))})")
+
+
+# ----------------------------------------------------------------------------------------------
+# search: the merge rule and weights chosen on a validation split of the training prompts
+
+
+def validation_split(items_by_task, per_task, seed):
+    """{task: [(prompt, metadata)]}: `per_task` of each task's TRAINING prompts, drawn with `seed`. The
+    search scores its candidates on these alone: the test prompts stay unseen until the table."""
+    rng = random.Random(seed)
+    return {task: rng.sample(items, min(per_task, len(items))) for task, items in items_by_task.items()}
+
+
+def parse_candidates(text, k):
+    """'delta:0.5,0.5;ties:1,1' -> [("delta", [0.5, 0.5]), ("ties", [1.0, 1.0])]: the merges to compare."""
+    candidates = []
+    for part in filter(None, text.split(";")):
+        rule, _, weights = part.partition(":")
+        if rule not in PEFT_COMBINATION:
+            raise common.UserError(f"candidate {part!r} in --candidates has rule {rule!r}; expected one of "
+                                   f"{sorted(PEFT_COMBINATION)} followed by :w1,w2")
+        candidates.append((rule, parse_weights(weights, k)))
+    if not candidates:
+        raise common.UserError(f"--candidates {text!r} names no merge; expected e.g. 'delta:0.5,0.5;delta:1,1'")
+    return candidates
+
+
+def search(args):
+    teachers = common.parse_teachers(args.teachers)
+    candidates = parse_candidates(args.candidates, len(teachers))
+    toy_world.ensure_prompt_files(args.dataset)
+    split = validation_split(common.prompts_by_task(args.train_prompts, teachers, args.dataset, "train"),
+                             args.val_per_task, args.seed)
+    items = [item for task in teachers for item in split[task]]
+    bundle = training.load_model_from_args(args)
+    score, names = rewards.from_args(args, bundle)
+    steps, guidance = bundle.defaults["eval_steps"], bundle.defaults["guidance_scale"]
+    model = evaluation.load_adapters(bundle.transformer, list(teachers.items()))
+
+    def scores(adapter):
+        with common.use_adapter(model, adapter):
+            result, _ = evaluation.evaluate(dataclasses.replace(bundle, transformer=model), items, steps, guidance,
+                                            args.seed, score, names, args.eval_bf16)
+        return result
+    base = scores(None)
+    reference = {task: scores(task) for task in tqdm(teachers, desc="teachers on the validation split")}
+    rows = []
+    for i, (rule, weights) in enumerate(tqdm(candidates, desc="merge candidates")):
+        add_merge(model, list(teachers), weights, rule, f"candidate{i}", density=args.density)
+        result = scores(f"candidate{i}")
+        model.delete_adapter(f"candidate{i}")
+        kept = {task: evaluation.gain_kept(result[task], base[task], reference[task][task]) for task in teachers}
+        rows.append({"rule": rule, "weights": weights, **{f"kept_{t}": k for t, k in kept.items()},
+                     "worst_kept": min(kept.values()), **result})
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()
+                          if k in ("rule", "weights", "worst_kept") or k.startswith("kept_")}))
+    best = max(rows, key=lambda r: r["worst_kept"])
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "search.json"), "w") as f:
+        json.dump({"validation_prompts": [p for p, _ in items], "base": base, "teachers": reference,
+                   "candidates": rows, "chosen": {"rule": best["rule"], "weights": best["weights"]}}, f, indent=1)
+    add_merge(model, list(teachers), best["weights"], best["rule"], "merged", density=args.density)
+    common.save_adapter(model, "merged", os.path.join(args.out, "adapter"))
+    print(f"wrote {args.out}/adapter: {best['rule']} merge, weights {best['weights']} (worst task keeps "
+          f"{best['worst_kept']:.0%} of its teacher's gain on {len(items)} validation prompts)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +327,7 @@ def best_of_n(args):
 
 def main(argv=None):
     p = training.parser(__doc__)
-    p.add_argument("method", choices=["merge", "sft", "bestofn"], help="the cold start")
+    p.add_argument("method", choices=["merge", "search", "sft", "bestofn"], help="the cold start")
     training.add_model_arguments(p)  # --model, --device, --model-dtype, --gradient-checkpointing, --resolution, --lora-targets
     rewards.add_arguments(p)  # bestofn: --pickscore-model, --geneval-url, --deqa-url, ... (the real world's scorers)
     p.add_argument("--teachers", default="", help="task=peft_folder,... (Stage 1 adapters or published LoRAs)")
@@ -254,7 +336,14 @@ def main(argv=None):
     p.add_argument("--lora-rank", type=training.positive_int, default=32, help="bestofn: LoRA rank (paper: 32)")
     p.add_argument("--lora-alpha", type=training.positive_int, default=64, help="bestofn: LoRA alpha (paper: 64)")
     p.add_argument("--out", required=True, help="run folder; the result is OUT/adapter")
-    p.add_argument("--rule", choices=["delta", "svd", "ab"], default="delta", help="merge rule (M6)")
+    p.add_argument("--rule", choices=["delta", "svd", "ties", "dare", "ab"], default="delta", help="merge rule (M6)")
+    p.add_argument("--density", type=training.probability, default=0.5,
+                   help="ties/dare: the share of each teacher's dW entries kept")
+    p.add_argument("--candidates", default="delta:0.5,0.5;delta:0.75,0.75;delta:1,1;delta:0.25,0.75;delta:0.5,1;"
+                                           "delta:0.4,0.6;delta:0.25,1;svd:1,1;ties:1,1;dare:1,1",
+                   help="search: the merges compared, rule:weights;rule:weights (weights in --teachers order)")
+    p.add_argument("--val-per-task", type=training.positive_int, default=64,
+                   help="search: validation prompts per task, drawn from the training prompts")
     p.add_argument("--weights", default="", help="merge weights in --teachers order (default: uniform)")
     p.add_argument("--svd-rank", type=training.positive_int, default=None,
                    help="rank of the svd merge (default: the teachers')")
@@ -277,8 +366,8 @@ def main(argv=None):
         p.error(f"{args.method} needs --teachers task=peft_folder,...")
     training.init_distributed(args)  # torchrun: sft/bestofn sample and fit on shards; merge runs once
     training.check_divisible(args, batch_size=args.batch_size)
-    if args.method != "merge" or args.rank == 0:  # a merge runs once
-        {"merge": merge, "sft": sft, "bestofn": best_of_n}[args.method](args)
+    if args.method not in ("merge", "search") or args.rank == 0:  # a merge runs once
+        {"merge": merge, "search": search, "sft": sft, "bestofn": best_of_n}[args.method](args)
     training.end_distributed(args)
 
 

@@ -8,7 +8,7 @@ import pipeline
 
 def test_quick_pipeline_writes_the_table_and_caches_its_steps(tmp_path, capsys):
     out, runs = tmp_path / "results", tmp_path / "runs"
-    pipeline.main(["--quick", "--out", str(out), "--runs", str(runs)])
+    pipeline.main(["--quick", "--ablations", "--out", str(out), "--runs", str(runs)])
     table = json.load(open(out / "table.json"))
     assert [row["model"] for row in table] == list(pipeline.NAMES)
     for row in table:
@@ -24,5 +24,8 @@ def test_quick_pipeline_writes_the_table_and_caches_its_steps(tmp_path, capsys):
         log = [json.loads(line) for line in open(out / "logs" / f"{run}.jsonl")]
         assert [r["epoch"] for r in log if "eval" in r] == [1] and log[-1]["epoch"] == 2
     capsys.readouterr()
-    pipeline.main(["--quick", "--out", str(out), "--runs", str(runs)])  # a rerun only re-scores
-    assert capsys.readouterr().out.count("[cached]") == len(pipeline.plan("runs", pipeline.QUICK, "model", "dataset"))
+    pipeline.main(["--quick", "--out", str(out), "--runs", str(runs)])  # a rerun only re-scores; without the ablations
+    assert capsys.readouterr().out.count("[cached]") == len(pipeline.plan("runs", pipeline.QUICK, "model", "dataset", False))
+    assert [row["model"] for row in json.load(open(out / "table.json"))] == [n for n in pipeline.NAMES
+                                                                            if n not in pipeline.ABLATIONS]
+    assert "GenEval gain kept" in open(out / "table.md").read()

@@ -311,3 +311,32 @@ def test_eval_samples_per_prompt_repeats_prompts_with_new_seeds(tiny_model_dir, 
         assert three[key] == pytest.approx(np.mean([s[key] for s in singles]), abs=1e-6), key
     assert "argument --samples-per-prompt: '0' is not a positive integer" in cli_error(
         evaluate.main, [*common_args, "--samples-per-prompt", "0", "--out", str(tmp_path / "k0")], capsys)
+
+
+def test_nft_mix_trains_on_the_mixed_reward(tiny_model_dir, tmp_path, monkeypatch):
+    """The nft-mix baseline: DiffusionNFT's update on GRPO-Mix's reward, 0.5 GenEval + 0.5 OCR per image
+    (a reward that does not judge a prompt counts 0), with group advantages of that sum."""
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    (folder / "g.jsonl").write_text("".join(json.dumps(m) + "\n" for m in toy_world.all_geneval_items("colors")[:2]))
+    (folder / "o.txt").write_text(toy_world.ocr_prompt("AB") + "\n" + toy_world.ocr_prompt("KEY") + "\n")
+    seen = {}
+    sample, train = stage1.sample_epoch, stage1.train_nft_epoch
+
+    def keep_batch(*args, **kwargs):
+        seen["batch"] = sample(*args, **kwargs)
+        return seen["batch"]
+
+    def keep_advantages(policy, batch, advantages, informative, optimizer, args):
+        seen["advantages"] = advantages
+        return train(policy, batch, advantages, informative, optimizer, args)
+    monkeypatch.setattr(stage1, "sample_epoch", keep_batch)
+    monkeypatch.setattr(stage1, "train_nft_epoch", keep_advantages)
+    stage1.main(["--model", tiny_model_dir, "--reward", "geneval=0.5,ocr=0.5", "--objective", "nft",
+                 "--train-prompts", f"{folder / 'g.jsonl'},{folder / 'o.txt'}", "--test-prompts", str(folder / "o.txt"),
+                 "--prompts-per-epoch", "4", "--group-size", "2", "--steps", "2", "--train-batch-size", "4",
+                 "--epochs", "1", "--eval-every", "0", "--lora-rank", "4", "--lora-alpha", "8", "--out", str(tmp_path / "run")])
+    scores, groups = seen["batch"]["scores"], seen["batch"]["groups"]
+    assert np.isnan(scores["ocr"]).any() and np.isnan(scores["geneval"]).any()  # both tasks in the batch
+    mixed = 0.5 * np.nan_to_num(scores["geneval"]) + 0.5 * np.nan_to_num(scores["ocr"])
+    np.testing.assert_allclose(seen["advantages"], stage1.group_advantages(mixed, groups)[0])

@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import common
 import stage2_coldstart as stage2
@@ -92,6 +93,29 @@ def test_merge_rules_against_the_dense_weighted_delta_sum(tiny_model_dir, adapte
     stage2.main(["merge", "--model", tiny_model_dir, "--teachers", teachers, "--weights", "0.7,0.3",
                  "--rule", "svd", "--svd-rank", "8", "--out", str(tmp_path / "svd8")])
     assert relative_error(merged_deltas(tiny_model_dir, str(tmp_path / "svd8" / "adapter")), expected) < 1e-4
+
+
+def test_merge_search_scores_candidates_on_training_prompts_only(tiny_model_dir, adapters, prompt_files, tmp_path,
+                                                                 monkeypatch):
+    read, load = [], common.load_prompts
+    monkeypatch.setattr(common, "load_prompts", lambda path: read.append(path) or load(path))
+    teachers = f"geneval={adapters['geneval']},ocr={adapters['ocr']}"
+    stage2.main(["search", "--model", tiny_model_dir, "--teachers", teachers, "--train-prompts", prompt_files["train"],
+                 "--candidates", "delta:0.5,0.5;delta:1,1;ties:1,1", "--val-per-task", "3", "--out", str(tmp_path / "s")])
+    test_files = prompt_files["test"].split(",")
+    assert read and not set(test_files) & set(read)  # no test file was even opened
+    found = json.load(open(tmp_path / "s" / "search.json"))
+    train = {p for f in prompt_files["train"].split(",") for p, _ in load(f)}
+    test = {p for f in test_files for p, _ in load(f)}
+    assert len(found["validation_prompts"]) == 6 and set(found["validation_prompts"]) <= train - test
+    best = max(found["candidates"], key=lambda r: r["worst_kept"])
+    assert [c["rule"] for c in found["candidates"]] == ["delta", "delta", "ties"]
+    assert found["chosen"] == {"rule": best["rule"], "weights": best["weights"]}
+    weights = ",".join(str(w) for w in best["weights"])
+    stage2.main(["merge", "--model", tiny_model_dir, "--teachers", teachers, "--rule", best["rule"], "--weights", weights,
+                 "--out", str(tmp_path / "m")])  # the written adapter is that merge
+    written, direct = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("s", "m"))
+    assert written.keys() == direct.keys() and all(torch.allclose(written[k], direct[k], atol=1e-6) for k in written)
 
 
 def test_merge_bad_input(tiny_model_dir, adapters, tmp_path):

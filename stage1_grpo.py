@@ -214,8 +214,7 @@ def train_on_epoch(policy, batch, advantages, informative, optimizer, args):
         if not math.isfinite(stats["loss"]):
             optimizer.zero_grad(set_to_none=True)
             return stats
-        training.optimizer_step(params, optimizer, args)
-        training.update_published_ema(policy, optimizer, args.ema)
+        training.optimizer_step(params, optimizer, args, policy=policy)
         stats["updates"] += 1
     for key in ("loss", "kl", "clip_frac"):
         stats[key] /= max(1, stats["updates"])
@@ -261,8 +260,7 @@ def train_nft_epoch(policy, batch, advantages, informative, optimizer, args):
             if not math.isfinite(stats["loss"]):
                 optimizer.zero_grad(set_to_none=True)
                 return stats
-            training.optimizer_step(params, optimizer, args)
-            training.update_published_ema(policy, optimizer, args.ema)
+            training.optimizer_step(params, optimizer, args, policy=policy)
             stats["updates"] += 1
     stats["loss"] /= max(1, stats["updates"])
     return stats

@@ -219,8 +219,7 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
                 optimizer.zero_grad(set_to_none=True)
                 stats["loss"] = math.nan
                 return stats
-            training.optimizer_step(params, optimizer, args)
-            training.update_published_ema(policy, optimizer, args.ema)
+            training.optimizer_step(params, optimizer, args, policy=policy)
             stats["updates"] += 1
         stats["kl_to_sampler"].append(training.all_reduce(drift, args).item() / total)
     if args.objective == "pathwise":  # no policy ratio; and JSON has no infinity

@@ -473,12 +473,15 @@ def sync_gradients(params, args):
         offset += grad.numel()
 
 
-def optimizer_step(params, optimizer, args, max_grad_norm=None):
+def optimizer_step(params, optimizer, args, max_grad_norm=None, policy=None):
     """The stages' update: gradients summed over processes (sync_gradients), clipped to
-    `max_grad_norm` (default --max-grad-norm), one optimizer step."""
+    `max_grad_norm` (default --max-grad-norm), one optimizer step; with `policy`, its published EMA
+    follows the update (update_published_ema with --ema)."""
     sync_gradients(params, args)
     torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if max_grad_norm is None else max_grad_norm)
     optimizer.step()
+    if policy is not None:
+        update_published_ema(policy, optimizer, args.ema)
 
 
 # ----------------------------------------------------------------------------------------------

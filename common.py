@@ -181,13 +181,14 @@ def autocast(device, bf16):
 
 @torch.no_grad()
 def rollout(model, embeds, pooled, latent_shape, sigmas, seeds, noise_level=0.7, guidance_scale=1.0,
-            negative=None, decode=None, init_seeds=None, **model_kwargs):
+            negative=None, decode=None, init_seeds=None, keep_velocities=False, **model_kwargs):
     """Batched SDE sampling of whole trajectories (M1), reproducible from one seed per sample.
     `noise_level`: one a for every step, or a list of N (0 = a deterministic ODE step, as outside
     Flow-GRPO-Fast's SDE window). `init_seeds`: seeds of the initial noise when it must differ from
     `seeds` (e.g. one start shared by a GRPO group). Returns {"states": (B, N+1, C, h, w) x_0..x_N,
-    "velocities": (B, N, C, h, w) the sampling policy's v at x_0..x_N-1, "log_probs": (B, N) (0 at ODE
-    steps) or None (all ODE), "sigmas": (N+1,), "images": decode(x_N) or None}."""
+    "velocities": (B, N, C, h, w) the sampling policy's v at x_0..x_N-1 with `keep_velocities` (as much memory
+    as the states) else None, "log_probs": (B, N) (0 at ODE steps) or None (all ODE), "sigmas": (N+1,),
+    "images": decode(x_N) or None}."""
     levels = list(noise_level) if isinstance(noise_level, (list, tuple)) else [noise_level] * (len(sigmas) - 1)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     starts = generators if init_seeds is None else [torch.Generator().manual_seed(int(s)) for s in init_seeds]
@@ -195,18 +196,20 @@ def rollout(model, embeds, pooled, latent_shape, sigmas, seeds, noise_level=0.7,
     states, velocities, log_probs = [x], [], []
     for j in range(len(sigmas) - 1):
         v = velocity(model, x, sigmas[j], embeds, pooled, guidance_scale, negative, **model_kwargs)
-        velocities.append(v.float())
+        if keep_velocities:
+            velocities.append(v.float())
         noise = per_sample_noise(generators, latent_shape, x.device) if levels[j] > 0 else None
         x, log_prob, _, _ = sde_step(x, v, sigmas[j], sigmas[j + 1], sigmas[1], levels[j], noise)
         states.append(x)
         log_probs.append(log_prob if log_prob is not None else torch.zeros(len(x), device=x.device))
-    return {"states": torch.stack(states, 1), "velocities": torch.stack(velocities, 1), "sigmas": sigmas,
+    return {"states": torch.stack(states, 1), "velocities": torch.stack(velocities, 1) if velocities else None,
+            "sigmas": sigmas,
             "log_probs": torch.stack(log_probs, 1) if any(a > 0 for a in levels) else None,
             "images": decode(x) if decode is not None else None}
 
 
 def rollout_chunks(model, embeds, pooled, latent_shape, sigmas, seeds, chunk_size, noise_level=0.7,
-                   guidance_scale=1.0, negative=None, decode=None, bf16=True, init_seeds=None):
+                   guidance_scale=1.0, negative=None, decode=None, bf16=True, init_seeds=None, keep_velocities=False):
     """rollout() over chunks of `chunk_size` samples, bf16 autocast or not: with the same chunks and
     precision as a policy update that follows, it recomputes the stored log-probs bit for bit (the
     first PPO ratio is exactly 1). Returns rollout()'s dict for the whole batch."""
@@ -215,10 +218,11 @@ def rollout_chunks(model, embeds, pooled, latent_shape, sigmas, seeds, chunk_siz
         part = slice(start, start + chunk_size)
         with autocast(embeds.device, bf16):
             chunks.append(rollout(model, embeds[part], pooled[part], latent_shape, sigmas, seeds[part], noise_level,
-                                  guidance_scale, negative, decode, init_seeds[part] if init_seeds else None))
+                                  guidance_scale, negative, decode, init_seeds[part] if init_seeds else None,
+                                  keep_velocities))
     out = {key: torch.cat([c[key] for c in chunks]) for key in ("states", "velocities", "log_probs", "images")
            if chunks[0][key] is not None}
-    return {"images": None, "log_probs": None, **out, "sigmas": sigmas}
+    return {"images": None, "log_probs": None, "velocities": None, **out, "sigmas": sigmas}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -133,7 +133,8 @@ def sample_epoch(policy, bundle, picked, teachers, args, seed):
     batch = common.rollout_chunks(policy, embeds, pooled, bundle.latent_shape(bundle.resolution),
                                   sigmas, training.shard([seed + i for i in range(len(picked))], args), args.local_batch_size,
                                   args.noise_level, args.guidance, args.negative, None,
-                                  args.train_bf16 if args.objective == "ppo" else args.sample_bf16)
+                                  args.train_bf16 if args.objective == "ppo" else args.sample_bf16,
+                                  keep_velocities=True)  # the sampler's, for kl_to_sampler
     batch.update(prompts=prompts, routes=routes, embeds=embeds, pooled=pooled,
                  task_counts={t: all_routes.count(t) for t in sorted(set(all_routes))})  # of the global batch
     return batch

@@ -339,7 +339,9 @@ class ModelBundle:
     kind: str                           # "miniature" or "sd3"
     path: str
     defaults: dict = dataclasses.field(default_factory=lambda: {"eval_steps": 40, "guidance_scale": 4.5,  # paper's
-                                                                "lora_targets": FLOW_GRPO_LORA_TARGETS})
+                                                                "lora_targets": FLOW_GRPO_LORA_TARGETS,
+                                                                # eval: prompts sampled / latents VAE-decoded at once
+                                                                "eval_batch_size": 16, "decode_batch_size": 4})
 
 
 # The published Flow-GRPO teachers' LoRA layout (r 32, alpha 64, Gaussian init) on SD3's joint attention
@@ -347,9 +349,12 @@ FLOW_GRPO_LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj
                           "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
 
 
-def load_sd3(path_or_id, device="cpu", dtype=torch.float32, text_encoder_3=True, max_sequence_length=None):
-    """The real model (SD3 / SD3.5) from a diffusers pipeline folder or hub id. Without T5 only the
-    two CLIP encoders run and a single zero T5 row is appended (diffusers pads 256 zero rows)."""
+def load_sd3(path_or_id, device="cpu", dtype=torch.float32, text_encoder_3=True, max_sequence_length=128):
+    """The real model (SD3 / SD3.5) from a diffusers pipeline folder or hub id. The prompt embeddings are
+    diffusers' encode_prompt at `max_sequence_length` T5 tokens (flow_grpo's 128, on which the published
+    teachers were trained). Without T5 only the two CLIP encoders run and, exactly as diffusers does,
+    `max_sequence_length` zero rows stand where T5's would: after context_embedder identical rows are
+    identical keys, so their number changes the attention."""
     from diffusers import StableDiffusion3Pipeline
     has_t5 = text_encoder_3
     index = os.path.join(str(path_or_id), "model_index.json")
@@ -361,12 +366,12 @@ def load_sd3(path_or_id, device="cpu", dtype=torch.float32, text_encoder_3=True,
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if module is not None:
             module.eval().requires_grad_(False)
-    seq_len = max_sequence_length or (128 if has_t5 else 1)
 
     @torch.no_grad()
     def encode(prompts):
         embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), None, None, device=device,
-                                                  do_classifier_free_guidance=False, max_sequence_length=seq_len)
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=max_sequence_length)
         return embeds, pooled
 
     @torch.no_grad()

@@ -20,45 +20,61 @@ import toy_world
 import training
 from toy_world import GENEVAL_TAGS, REWARDS, score
 
-COLUMN_OF = {"geneval": "geneval_strict", "ocr": "ocr", "quality": "quality", "deqa": "deqa", "pickscore": "pickscore"}
-TITLE = {"geneval_strict": "GenEval (strict)", "ocr": "OCR", "quality": "quality", "deqa": "DeQA / 5",
-         "pickscore": "PickScore / 26"}
+# The table's column of each reward: GenEval's is the official check (the paper's metric; rewards.py)
+COLUMN_OF = {"geneval": "geneval_acc", "ocr": "ocr", "quality": "quality", "deqa": "deqa", "pickscore": "pickscore"}
+TITLE = {"geneval_acc": "GenEval", "geneval_strict": "GenEval strict (exact counts)", "ocr": "OCR",
+         "quality": "quality", "deqa": "DeQA / 5", "pickscore": "PickScore / 26"}
+EXTRA_COLUMNS = ("geneval_strict",)  # shown where the scorer gives them (flow_grpo's GenEval server), not averaged
+# What the miniature world's GenEval detector implements (toy_world.geneval_score), said under its table
+MINIATURE_GENEVAL = ("GenEval: the official rule (at least each asked count; the exclude clause of counting prompts "
+                     "makes their count exact), as flow_grpo's server `rewards`; the miniature has no exact-count variant.")
 
 
-def sample_images(bundle, prompts, seeds, num_steps, guidance_scale, noise_level=0.0, batch_size=64, bf16=None):
-    """Images of a ModelBundle for prompts/seeds (deterministic ODE by default), in batches, under bf16
-    autocast if `bf16` (default: where bf16 is fast, common.bf16_is_fast)."""
+def sample_images(bundle, prompts, seeds, num_steps, guidance_scale, noise_level=0.0, batch_size=None, bf16=None,
+                  decode_batch_size=None):
+    """Images (B, 3, H, W) as uint8 on the CPU of a ModelBundle for prompts/seeds (deterministic ODE by
+    default). Memory stays flat in the number of prompts: the transformer samples `batch_size` prompts at
+    a time (default: the model's, 16 for SD3) under bf16 autocast if `bf16` (default: where
+    bf16 is fast, common.bf16_is_fast); the VAE decodes `decode_batch_size` latents at a time (SD3: 4) outside the
+    autocast, in its own weights' precision (flow_grpo decodes in fp32); each batch's images leave the
+    device as uint8 (a 512 px image: 0.75 MB, a quarter of fp32), which every scorer reads exactly as it
+    would the float images (toy_world.to_uint8 rounds the same way)."""
+    batch_size = batch_size or bundle.defaults["eval_batch_size"]
+    decode_batch_size = decode_batch_size or bundle.defaults["decode_batch_size"]
     sigmas = common.sampling_sigmas(bundle.scheduler, num_steps)
     negative = bundle.encode([""])
     images = []
     for i in range(0, len(prompts), batch_size):
         embeds, pooled = bundle.encode(prompts[i:i + batch_size])
         with common.autocast(embeds.device, common.bf16_is_fast(embeds.device) if bf16 is None else bf16):
-            out = common.rollout(bundle.transformer, embeds, pooled, bundle.latent_shape(bundle.resolution), sigmas,
-                          seeds[i:i + batch_size], noise_level, guidance_scale, negative, bundle.decode)
-        images.append(out["images"])
+            latents = common.rollout(bundle.transformer, embeds, pooled, bundle.latent_shape(bundle.resolution),
+                                     sigmas, seeds[i:i + batch_size], noise_level, guidance_scale, negative)["states"][:, -1]
+        for j in range(0, len(latents), decode_batch_size):
+            images.append(torch.from_numpy(toy_world.to_uint8(bundle.decode(latents[j:j + decode_batch_size]))
+                                           .transpose(0, 3, 1, 2).copy()))
+        del latents
     return torch.cat(images)
 
 
 def evaluate(bundle, items, num_steps, guidance_scale, seed=0, scorer=None, names=REWARDS, bf16=False):
-    """Scores of a model on [(prompt, metadata)]: {"geneval_strict", "geneval", "ocr", "quality",
+    """Scores of a model on [(prompt, metadata)]: {"geneval_acc", "geneval", "ocr", "quality",
     "geneval/<tag>"...} means, and the images. Seeds are seed + index, so every model sees the same noise.
     `scorer`: a function with score()'s signature (default toy_world.score; rewards.make_scorer for real models).
     fp32 by default, as eval.py: the same weights then score the same on every CPU (bf16 rounding moved
-    a row's GenEval strict by up to 0.04, README)."""
+    a row's GenEval by up to 0.04, README)."""
     prompts, metas = [p for p, _ in items], [m for _, m in items]
     images = sample_images(bundle, prompts, [seed + i for i in range(len(prompts))], num_steps, guidance_scale, bf16=bf16)
     return summarize((scorer or score)(images, prompts, metas, names=names), metas), images
 
 
 def summarize(scores, metas):
-    """Mean of each reward over the prompts it applies to, and GenEval strict accuracy per tag."""
+    """Mean of each reward over the prompts it applies to, and GenEval accuracy (the official rule) per tag."""
     result = {name: float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
               for name, values in scores.items()}
     for tag in GENEVAL_TAGS:
         mask = np.array([bool(m) and m.get("tag") == tag for m in metas])
-        if mask.any() and "geneval_strict" in scores:
-            result[f"geneval/{tag}"] = float(scores["geneval_strict"][mask].mean())
+        if mask.any() and "geneval_acc" in scores:
+            result[f"geneval/{tag}"] = float(scores["geneval_acc"][mask].mean())
     return result
 
 
@@ -132,14 +148,15 @@ def gain_kept(score, base, teacher):
     return (score - base) / (teacher - base) if teacher != base else float("nan")
 
 
-def markdown_table(rows, columns):
-    """One line per row: each column's mean +- its standard error."""
+def markdown_table(rows, columns, extra=()):
+    """One line per row: each column's mean +- its standard error, the average of `columns`, then the
+    `extra` columns (shown, not averaged)."""
     def cell(r, c):
         se = r.get(f"{c}_se", float("nan"))
         return f"{r.get(c, float('nan')):.3f}" + (f" ± {se:.3f}" if np.isfinite(se) else "")
-    head = "| model | " + " | ".join(TITLE[c] for c in columns) + " | average |\n" + "|---" * (len(columns) + 2) + "|\n"
-    return head + "".join(f"| {r['model']} | " + " | ".join(cell(r, c) for c in (*columns, "average")) + " |\n"
-                          for r in rows)
+    shown = (*columns, "average", *extra)
+    head = "| model | " + " | ".join(TITLE.get(c, c) for c in shown) + " |\n" + "|---" * (len(shown) + 1) + "|\n"
+    return head + "".join(f"| {r['model']} | " + " | ".join(cell(r, c) for c in shown) + " |\n" for r in rows)
 
 
 def main(argv=None):
@@ -156,6 +173,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i in every row")
     p.add_argument("--samples-per-prompt", type=training.positive_int, default=1,
                    help="K: sample k of prompt i uses seed + i + k * (number of prompts)")
+    p.add_argument("--batch-size", type=training.positive_int, default=None,
+                   help="prompts sampled at once (default: the model's: 64 miniature, 16 SD3; 24 GB at 512 px: 8)")
     p.add_argument("--grid-prompts", type=training.positive_int, default=16,
                    help="prompts shown in the grid (spread over the split)")
     p.add_argument("--out", default="results/eval", help="output folder")
@@ -165,11 +184,13 @@ def main(argv=None):
     if args.test_prompts == p.get_default("test_prompts") and not all(os.path.isfile(f) for f in files):
         toy_world.ensure_prompt_files("dataset")
     items = [item for f in files for item in common.load_prompts(f)]
-    # K seeds per prompt shrink the scores' standard error ~sqrt(K) (one seed per prompt: ~0.047 on GenEval strict)
+    # K seeds per prompt shrink the scores' standard error ~sqrt(K) (one seed per prompt: ~0.047 on GenEval)
     prompts, metas = [p for p, _ in items] * args.samples_per_prompt, [m for _, m in items] * args.samples_per_prompt
     bundle = training.load_model_from_args(args)
     score, names = rewards.from_args(args, bundle)
     columns = [COLUMN_OF[n] for n in names]
+    extra = [c for c in EXTRA_COLUMNS if "geneval" in names and c != COLUMN_OF["geneval"] and bundle.kind != "miniature"]
+    note = f"\n{MINIATURE_GENEVAL}\n" if bundle.kind == "miniature" and "geneval" in names else ""
     steps = args.steps or bundle.defaults["eval_steps"]
     guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
     model = load_adapters(bundle.transformer, adapters)
@@ -179,21 +200,22 @@ def main(argv=None):
     for name, path in runs:
         with common.use_adapter(model, None if path is None else name) if adapters else torch.no_grad():
             images = sample_images(dataclasses.replace(bundle, transformer=model), prompts,
-                                       [args.seed + i for i in range(len(prompts))], steps, guidance, bf16=args.eval_bf16)
+                                       [args.seed + i for i in range(len(prompts))], steps, guidance,
+                                   batch_size=args.batch_size, bf16=args.eval_bf16)
         rows.append({"model": name, "adapter": path, "steps": steps, "guidance_scale": guidance, "seed": args.seed,
                      "samples_per_prompt": args.samples_per_prompt,
                      "eval_precision": "bf16" if args.eval_bf16 else "fp32",
                      **row_scores(score(images, prompts, metas, names=names), metas, columns, args.samples_per_prompt)})
         shown_images.append(images[shown])
-        print(markdown_table(rows[-1:], columns).splitlines()[-1])
+        print(markdown_table(rows[-1:], columns, extra).splitlines()[-1])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(rows, f, indent=1)
     with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(markdown_table(rows, columns))
+        f.write(markdown_table(rows, columns, extra) + note)
     grid = torch.stack(shown_images, 1).flatten(0, 1)  # row = prompt, column = model
     training.image_grid(grid, len(runs)).save(os.path.join(args.out, "grid.png"))
-    print(markdown_table(rows, columns))
+    print(markdown_table(rows, columns, extra) + note)
     print(f"wrote {args.out}/eval.json, table.md and grid.png (columns: {', '.join(n for n, _ in runs)})")
 
 

@@ -70,7 +70,7 @@ NAMES = ("base", "teacher-geneval", "teacher-ocr", "teacher-quality", "grpo-mix"
          "opd-merge", "opd-merge-seed1", "opd-sft", "opd-no-mar", "opd-no-coldstart", "opd-ppo", "opd-schedule")
 CURVES = (("grpo-mix", "base", "GRPO-Mix"), ("nft-mix", "base", "NFT-Mix"),
           ("opd-merge", "coldstart-merge", "Flow-OPD"))  # (run, its start's row, label)
-TASKS = {"geneval": "geneval_strict", "ocr": "ocr"}  # each teacher's task and its table column
+TASKS = {"geneval": "geneval_acc", "ocr": "ocr"}  # each teacher's task and its table column
 
 
 ABLATIONS = ("coldstart-sft", "opd-sft", "opd-no-coldstart", "opd-ppo", "opd-schedule")  # with --ablations only
@@ -184,14 +184,14 @@ def table_markdown(table):
     for row in table:
         kept = [evaluation.gain_kept(row[c], rows["base"][c], rows[f"teacher-{t}"][c]) for t, c in TASKS.items()]
         minutes = f"{row['train_minutes']:.1f}" if row.get("train_minutes") is not None else ""
-        lines.append(f"| {row['model']} | {cell(row, 'geneval_strict')} | {cell(row, 'ocr')} | {cell(row, 'quality')} | "
+        lines.append(f"| {row['model']} | {cell(row, 'geneval_acc')} | {cell(row, 'ocr')} | {cell(row, 'quality')} | "
                      f"{cell(row, 'average')} | {kept[0]:.0%} | {kept[1]:.0%} | {minutes} |")
     seeds = [rows[n] for n in ("opd-merge", "opd-merge-seed1") if n in rows]
     if len(seeds) == 2:
         lines.append("")
         lines.append("Flow-OPD over its two training seeds, mean (half the spread): " + ", ".join(
             f"{c} {(seeds[0][c] + seeds[1][c]) / 2:.3f} ({abs(seeds[0][c] - seeds[1][c]) / 2:.3f})"
-            for c in ("geneval_strict", "ocr", "quality", "average")))
+            for c in ("geneval_acc", "ocr", "quality", "average")))
     return "\n".join(lines) + "\n"
 
 
@@ -224,8 +224,8 @@ def main(argv=None):
     evaluation.main(eval_argv)
     table = json.load(open(os.path.join(out, "eval.json")))
     for row in table:
-        row["geneval_partial"], row["geneval"] = row["geneval"], row["geneval_strict"]
-        row["geneval_partial_se"], row["geneval_se"] = row.get("geneval_se"), row.get("geneval_strict_se")
+        row["geneval_partial"], row["geneval"] = row["geneval"], row["geneval_acc"]
+        row["geneval_partial_se"], row["geneval_se"] = row.get("geneval_se"), row.get("geneval_acc_se")
         row["command"] = commands.get(row["model"], "(the shipped base, no training)")
         row["train_minutes"] = minutes.get(row["model"])
         if row["adapter"]:

@@ -7,7 +7,11 @@ A reward is NaN for a prompt it does not judge (an OCR prompt has no GenEval sco
 - miniature world (toy.py): `geneval` (a detector on flat-colour scenes), `ocr` (rapidocr, recognition
   only on one-line 64 px images), `quality` (the flat-colour stand-in for DeQA);
 - real world: `ocr` (rapidocr, detection + recognition), `pickscore` (a CLIP preference model,
-  logit_scale * cos / 26), `geneval` and `deqa` (clients of flow_grpo's reward servers; DeQA / 5).
+  logit_scale * cos / 26), `geneval` and `deqa` (clients of flow_grpo's reward servers; the DeQA server
+  already sends its 1-5 score / 5).
+GenEval gives three numbers: `geneval` (partial credit, the training reward), `geneval_acc` (the official
+GenEval check: at least each asked count, exclude clauses; the paper's GenEval column) and, from the real
+server only, `geneval_strict` (exact counts, flow_grpo's stricter variant).
 
 The reward servers speak flow_grpo's protocol: a POST whose body is a pickled dict of JPEG bytes, and a
 pickled dict back. Unpickling runs code chosen by whoever answers, so the client talks only to the URL
@@ -43,6 +47,12 @@ def add_arguments(p):
                    help="seconds per reward-server request")
     p.add_argument("--reward-retries", type=training.nonnegative_int, default=3,
                    help="retries of a failed request (then a clear error)")
+    p.add_argument("--jpeg-quality", type=int, choices=range(1, 96), default=75, metavar="1..95",
+                   help="JPEG quality of the images sent to the reward servers (flow_grpo: PIL's default, 75)")
+    p.add_argument("--pickscore-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="PickScore's weights (auto: fp16 on a GPU, ~2 GB instead of ~4, fp32 on the CPU)")
+    p.add_argument("--pickscore-offload", action="store_true",
+                   help="keep PickScore on the CPU between evaluations (moved to --device only while scoring)")
     p.add_argument("--eval-rewards", default=None,
                    help="rewards of the test evaluation (default: the world's, see eval_names)")
 
@@ -78,13 +88,17 @@ def make_scorer(args, bundle):
     def scorer(name):
         if name not in loaded:
             if name == "pickscore":
-                loaded[name] = pickscore_scorer(args.pickscore_model, args.pickscore_processor, args.device)
+                loaded[name] = pickscore_scorer(args.pickscore_model, args.pickscore_processor, args.device,
+                                                dtype=args.pickscore_dtype,
+                                                offload=args.pickscore_offload)
             elif name in ("geneval", "deqa"):
                 url = getattr(args, f"{name}_url")
                 if url is None:
                     raise common.UserError(f"reward {name!r} on real images needs --{name}-url (a flow_grpo reward server)")
                 post = server_client(url, args.reward_timeout, args.reward_retries)
-                loaded[name] = geneval_server_scorer(post) if name == "geneval" else deqa_server_scorer(post)
+                quality = args.jpeg_quality
+                loaded[name] = (geneval_server_scorer(post, jpeg_quality=quality) if name == "geneval"
+                                else deqa_server_scorer(post, jpeg_quality=quality))
         return loaded[name]
 
     def score(images, prompts, metadata=None, names=("geneval", "ocr", "quality")):
@@ -116,25 +130,40 @@ def ocr_rewards(images, prompts):
     return rewards
 
 
-def pickscore_scorer(model=PICKSCORE_MODEL, processor=PICKSCORE_PROCESSOR, device="cpu", batch_size=32):
-    """PickScore: logit_scale * cos(text, image) of a CLIP preference model, / 26 as a reward (METHOD.md §8)."""
+def pickscore_scorer(model=PICKSCORE_MODEL, processor=PICKSCORE_PROCESSOR, device="cpu", batch_size=32, dtype="auto",
+                     offload=False):
+    """PickScore: logit_scale * cos(text, image) of a CLIP preference model, / 26 as a reward (METHOD.md §8).
+    CLIP-H is ~1 B parameters: `dtype` "auto" loads it in fp16 on a GPU (~2 GB instead of ~4; the cosine is
+    computed in fp32), and `offload` keeps it on the CPU except while it scores."""
     from transformers import AutoProcessor, CLIPModel
-    clip = CLIPModel.from_pretrained(model).eval().to(device)
+    dtype = (torch.float16 if torch.device(device).type == "cuda" else torch.float32) if dtype == "auto" \
+        else getattr(torch, dtype)
+    clip = CLIPModel.from_pretrained(model, dtype=dtype).eval().to("cpu" if offload else device)
     prep = AutoProcessor.from_pretrained(processor)
 
     @torch.no_grad()
     def score(images, prompts, metadata=None):
+        if offload:
+            clip.to(device)
+        try:
+            return {"pickscore": pickscore_values(images, prompts)}
+        finally:
+            if offload:
+                clip.to("cpu")
+
+    def pickscore_values(images, prompts):
         values = []
         for i in range(0, len(prompts), batch_size):
             pil = [Image.fromarray(a) for a in toy_world.to_uint8(images[i:i + batch_size])]
-            pixels = prep(images=pil, return_tensors="pt")["pixel_values"].to(device)
+            pixels = prep(images=pil, return_tensors="pt")["pixel_values"].to(device, dtype)
             text = prep(text=list(prompts[i:i + batch_size]), padding=True, truncation=True, max_length=77,
                         return_tensors="pt")
-            image_emb = torch.nn.functional.normalize(features(clip.get_image_features(pixel_values=pixels)), dim=-1)
+            image_emb = torch.nn.functional.normalize(features(clip.get_image_features(pixel_values=pixels)).float(), dim=-1)
             text_emb = torch.nn.functional.normalize(features(clip.get_text_features(
-                input_ids=text["input_ids"].to(device), attention_mask=text["attention_mask"].to(device))), dim=-1)
-            values.append(clip.logit_scale.exp() * (image_emb * text_emb).sum(-1) / 26)
-        return {"pickscore": torch.cat(values).float().cpu().numpy()}
+                input_ids=text["input_ids"].to(device), attention_mask=text["attention_mask"].to(device))).float(), dim=-1)
+            values.append(clip.logit_scale.float().exp() * (image_emb * text_emb).sum(-1) / 26)
+        return torch.cat(values).cpu().numpy()
+    score.model = clip  # for a caller that wants to see where it lives
     return score
 
 
@@ -181,37 +210,44 @@ def server_client(url, timeout=120.0, retries=3, backoff=1.0):
     return post
 
 
-def jpeg_bytes(images):
-    """The protocol's image format: one JPEG (quality 95) per image."""
+def jpeg_bytes(images, quality=75):
+    """The protocol's image format: one JPEG per image (flow_grpo saves with PIL's default quality, 75)."""
     out = []
     for array in toy_world.to_uint8(images):
         buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
         out.append(buffer.getvalue())
     return out
 
 
-def geneval_server_scorer(post, batch_size=64):
-    """GenEval on a flow_grpo server: `scores` (partial credit, the training reward) -> geneval,
-    `strict_rewards` (GenEval correctness) -> geneval_strict; prompts without GenEval metadata get NaN."""
+SERVER_GENEVAL_KEYS = {"scores": "geneval", "rewards": "geneval_acc", "strict_rewards": "geneval_strict"}
+
+
+def geneval_server_scorer(post, batch_size=64, jpeg_quality=75):
+    """GenEval on a flow_grpo server (reward-server app_geneval.py): `scores` (partial credit, the training
+    reward) -> geneval, `rewards` (the official GenEval check, evaluate(): at least each count, exclude
+    clauses; the paper's GenEval numbers) -> geneval_acc, `strict_rewards` (exact counts, evaluate_reward())
+    -> geneval_strict. Prompts without GenEval metadata get NaN."""
     def score(images, prompts, metadata):
         judged = [i for i, m in enumerate(metadata) if m and "include" in m]
-        partial, strict = np.full(len(prompts), np.nan), np.full(len(prompts), np.nan)
+        out = {name: np.full(len(prompts), np.nan) for name in SERVER_GENEVAL_KEYS.values()}
         for start in range(0, len(judged), batch_size):
             idx = judged[start:start + batch_size]
-            answer = post({"images": jpeg_bytes(images[idx]), "meta_datas": [metadata[i] for i in idx],
+            answer = post({"images": jpeg_bytes(images[idx], jpeg_quality), "meta_datas": [metadata[i] for i in idx],
                            "only_strict": False})
-            partial[idx], strict[idx] = checked(answer, "scores", len(idx)), checked(answer, "strict_rewards", len(idx))
-        return {"geneval": partial, "geneval_strict": strict}
+            for key, name in SERVER_GENEVAL_KEYS.items():
+                out[name][idx] = checked(answer, key, len(idx))
+        return out
     return score
 
 
-def deqa_server_scorer(post, batch_size=64):
-    """DeQA on a flow_grpo server: `outputs` (a 1-5 quality score per image) / 5 -> deqa."""
+def deqa_server_scorer(post, batch_size=64, jpeg_quality=75):
+    """DeQA on a flow_grpo server: `outputs`, the model's 1-5 score already divided by 5 by the server
+    (reward-server deqa.py: compute_deqascore returns score / 5) -> deqa, in [0.2, 1]."""
     def score(images, prompts, metadata):
-        values = [checked(post({"images": jpeg_bytes(images[i:i + batch_size])}), "outputs",
+        values = [checked(post({"images": jpeg_bytes(images[i:i + batch_size], jpeg_quality)}), "outputs",
                           len(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
-        return {"deqa": np.concatenate(values) / 5}
+        return {"deqa": np.concatenate(values)}
     return score
 
 

@@ -135,7 +135,7 @@ def load_pretraining_checkpoint(work, run, rng, steps):
 def model_card(args, log, result):
     """The shipped base model's card: how it was made and what it scores."""
     rows = "\n".join(f"| {name} | {value:.3f} |" for name, value in result.items())
-    curve = "\n".join(f"| {r['step']} | {r['minutes']:.1f} | {r['loss']:.4f} | {r['geneval_strict']:.3f} | "
+    curve = "\n".join(f"| {r['step']} | {r['minutes']:.1f} | {r['loss']:.4f} | {r['geneval_acc']:.3f} | "
                       f"{r['ocr']:.3f} | {r['quality']:.3f} |" for r in log)
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
                      if k not in ("command", "func", "bf16")) + ("" if args.bf16 else " --no-bf16")
@@ -241,7 +241,7 @@ def latent_study(args):
     def from_patches(patches, n, f):
         return patches.reshape(n, SIZE // f, SIZE // f, f, f, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, SIZE, SIZE, 3)
     exact = score(((test + 1) * 127.5).round().astype(np.uint8), [p for p, _ in items], [m for _, m in items])
-    print(f"pixels 64x64x3: exact, geneval_strict {np.nanmean(exact['geneval_strict']):.3f}, "
+    print(f"pixels 64x64x3: exact, geneval_acc {np.nanmean(exact['geneval_acc']):.3f}, "
           f"ocr {np.nanmean(exact['ocr']):.3f}, quality {exact['quality'].mean():.3f}")
     for f, k in [(4, 12), (4, 24), (8, 48)]:
         data = to_patches(train.astype(np.float32) / 127.5 - 1, f)
@@ -251,8 +251,8 @@ def latent_study(args):
         psnr = 10 * np.log10(4 / ((decoded - test) ** 2).mean())
         scores = score(((np.clip(decoded, -1, 1) + 1) * 127.5).round().astype(np.uint8),
                        [p for p, _ in items], [m for _, m in items])
-        print(f"latent {SIZE // f}x{SIZE // f}x{k}: PSNR {psnr:.1f} dB, geneval_strict "
-              f"{np.nanmean(scores['geneval_strict']):.3f}, ocr {np.nanmean(scores['ocr']):.3f}, "
+        print(f"latent {SIZE // f}x{SIZE // f}x{k}: PSNR {psnr:.1f} dB, geneval_acc "
+              f"{np.nanmean(scores['geneval_acc']):.3f}, ocr {np.nanmean(scores['ocr']):.3f}, "
               f"quality {scores['quality'].mean():.3f}")
 
 

@@ -157,7 +157,7 @@ def load_miniature(folder, device="cpu", dtype=torch.float32):
     return common.ModelBundle(transformer, scheduler, encode, decode, miniature_latent_shape(transformer, codec),
                        config["resolution"], "miniature", str(folder),
                        {"eval_steps": config["eval_steps"], "guidance_scale": config["guidance_scale"],
-                        "lora_targets": MINIATURE_LORA_TARGETS})
+                        "lora_targets": MINIATURE_LORA_TARGETS, "eval_batch_size": 64, "decode_batch_size": 64})
 
 
 def miniature_latent_shape(transformer, codec):

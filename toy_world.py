@@ -256,7 +256,8 @@ def to_uint8(images):
     if isinstance(images, (list, tuple)):
         return np.stack([np.asarray(im.convert("RGB")) for im in images])
     if hasattr(images, "detach"):
-        images = images.detach().float().cpu().numpy()
+        images = images.detach().cpu()
+        images = (images.float() if images.is_floating_point() else images).numpy()
     images = np.asarray(images)
     if images.dtype != np.uint8:
         images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
@@ -379,7 +380,7 @@ REWARDS = ("geneval", "ocr", "quality")
 
 def score(images, prompts, metadata=None, names=REWARDS):
     """The one reward API: {name: float array of len(images)}.
-    geneval -> partial credit (training reward) and geneval_strict (GenEval-style accuracy);
+    geneval -> partial credit (training reward) and geneval_acc (GenEval-style accuracy);
     ocr -> METHOD.md §8; quality -> see quality_score. A task reward is NaN for prompts of the
     other task (an OCR prompt has no GenEval score)."""
     unknown = [n for n in names if n not in REWARDS]
@@ -394,7 +395,7 @@ def score(images, prompts, metadata=None, names=REWARDS):
     if "geneval" in names:
         pairs = [geneval_score(im, m) if m and "include" in m else (np.nan, np.nan) for im, m in zip(images, metas)]
         out["geneval"] = np.array([p for p, _ in pairs])
-        out["geneval_strict"] = np.array([s for _, s in pairs])
+        out["geneval_acc"] = np.array([s for _, s in pairs])
     if "ocr" in names:
         is_ocr = [bool(re.search(r'"[^"]*"', p)) for p in prompts]
         texts = ocr_read(images[is_ocr]) if any(is_ocr) else []

@@ -33,7 +33,9 @@ def add_model_arguments(p):
     p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default=None,
                    help="frozen base weights (default: bf16 on GPU, fp32 on CPU); LoRA stays fp32")
     p.add_argument("--no-t5", action="store_true",
-                   help="SD3: leave T5-XXL out (9 GiB less; only the CLIP encoders read prompts)")
+                   help="SD3: leave T5-XXL out (9 GiB less; only the CLIP encoders read prompts, 128 zero rows stand for "
+                        "T5's, as in diffusers). The published teachers were trained WITH T5 (128 tokens): without it "
+                        "they and the base leave their training conditioning")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute transformer blocks in backward: less memory, ~1.3x time")
     p.add_argument("--resolution", type=positive_int, default=None,
@@ -489,8 +491,10 @@ def optimizer_step(params, optimizer, args, max_grad_norm=None, policy=None):
 
 
 def image_grid(images, columns=8):
-    """A PIL grid of (B, 3, H, W) images in [0, 1] with a grey 1-px border."""
-    images = (images.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    """A PIL grid of (B, 3, H, W) images, uint8 or floats in [0, 1], with a grey 1-px border."""
+    images = images.detach().cpu()
+    images = (images if images.dtype == torch.uint8 else (images.float().clamp(0, 1) * 255).round().to(torch.uint8))
+    images = images.numpy().transpose(0, 2, 3, 1)
     rows = math.ceil(len(images) / columns)
     h, w = images.shape[1:3]
     grid = np.full((rows * (h + 2), columns * (w + 2), 3), 128, np.uint8)

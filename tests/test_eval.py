@@ -16,10 +16,10 @@ def test_standard_errors_average_each_prompts_seeds_first():
 
 
 def test_rows_and_the_table_carry_the_errors():
-    scores = {"geneval_strict": np.array([1.0, 0.0, 1.0, 1.0, np.nan]), "ocr": np.array([np.nan] * 4 + [0.5])}
+    scores = {"geneval_acc": np.array([1.0, 0.0, 1.0, 1.0, np.nan]), "ocr": np.array([np.nan] * 4 + [0.5])}
     metas = [{"tag": "colors"}] * 4 + [None]
-    row = {"model": "m", **evaluation.row_scores(scores, metas, ["geneval_strict", "ocr"])}
-    assert row["geneval_strict"] == 0.75 and row["geneval_strict_se"] == pytest.approx(0.25)
+    row = {"model": "m", **evaluation.row_scores(scores, metas, ["geneval_acc", "ocr"])}
+    assert row["geneval_acc"] == 0.75 and row["geneval_acc_se"] == pytest.approx(0.25)
     assert row["average"] == pytest.approx((0.75 + 0.5) / 2) and np.isnan(row["average_se"])  # one OCR prompt
-    line = evaluation.markdown_table([row], ["geneval_strict", "ocr"]).splitlines()[-1]
+    line = evaluation.markdown_table([row], ["geneval_acc", "ocr"]).splitlines()[-1]
     assert line.startswith("| m | 0.750 ± 0.250 | 0.500 |")

@@ -61,11 +61,11 @@ def test_shipped_base_loads_and_generates():
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(SHIPPED_BASE) for f in fs)
     assert size <= 20 * 2**20
     images = evaluation.sample_images(bundle, ["a photo of a red circle", 'a sign that says "K7"'], [0, 1], 6, 4.5)
-    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
-    assert images.std() > 0.1  # a picture, not a flat field
+    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.uint8
+    assert images.float().std() > 25  # a picture, not a flat field
     with open(os.path.join(SHIPPED_BASE, "README.md")) as f:
         card = f.read()
-    assert "python toy.py pretrain" in card and "geneval_strict" in card
+    assert "python toy.py pretrain" in card and "geneval_acc" in card
 
 
 def test_unknown_model_folder_is_a_clear_error(tmp_path):
@@ -143,7 +143,7 @@ def test_pca_latent_decodes_near_exactly_so_scorers_read_decoded_renders():
     assert abs(latents.std().item() - 1) < 0.15  # about unit scale, like a VAE's scaling_factor
     decoded = toy_model.pixels_to_images(toy_model.pca_decode(latents, codec))
     scores = toy_world.score(decoded, [p for p, _ in items], [m for _, m in items])
-    assert np.nanmean(scores["geneval_strict"]) >= 0.95 and np.nanmean(scores["ocr"]) >= 0.95
+    assert np.nanmean(scores["geneval_acc"]) >= 0.95 and np.nanmean(scores["ocr"]) >= 0.95
     # exact on the span of the components: encode(decode(z)) == z
     torch.testing.assert_close(toy_model.pca_encode(toy_model.pca_decode(latents, codec), codec), latents,
                                rtol=1e-4, atol=1e-4)

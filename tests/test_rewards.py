@@ -34,7 +34,8 @@ def test_pickscore_is_logit_scale_cosine_over_26(tiny_clip_dir):
 
 def test_real_world_scorer_routes_names_and_rejects_what_it_cannot_score(tiny_clip_dir):
     args = types.SimpleNamespace(pickscore_model=tiny_clip_dir, pickscore_processor=tiny_clip_dir, geneval_url=None,
-                                 deqa_url=None, reward_timeout=1.0, reward_retries=0, device="cpu")
+                                 deqa_url=None, reward_timeout=1.0, reward_retries=0, device="cpu",
+                                 pickscore_dtype="auto", pickscore_offload=False, jpeg_quality=75)
     score = rewards.make_scorer(args, types.SimpleNamespace(kind="sd3"))
     images = torch.ones(2, 3, 64, 64)  # blank: OCR reads nothing
     out = score(images, ["a red circle", 'a sign that says "K7"'], None, names=("ocr", "pickscore"))
@@ -94,13 +95,14 @@ def test_geneval_server_good_answer_roundtrips_jpegs_and_metadata():
     finally:
         server.close()
     np.testing.assert_array_equal(out["geneval"], [0.5, np.nan, 0.25, 0.25])
+    np.testing.assert_array_equal(out["geneval_acc"], [0.5, np.nan, 0.25, 0.25])
     np.testing.assert_array_equal(out["geneval_strict"], [1.0, np.nan, 1.0, 1.0])
     assert [len(r["images"]) for r in server.requests] == [2, 1]  # batches of judged prompts only
 
 
 def test_deqa_server_error_is_retried_then_answered_and_scaled():
     server = _Server(lambda request, n: (500, b"busy") if n == 1 else
-                     (200, pickle.dumps({"outputs": [[4.0]] * len(request["images"])})))
+                     (200, pickle.dumps({"outputs": [4.0 / 5] * len(request["images"])})))  # the server's score / 5
     try:
         score = rewards.deqa_server_scorer(rewards.server_client(server.url, timeout=5, retries=2, backoff=0.01))
         out = score(torch.rand(3, 3, 16, 16), ["a", "b", "c"], [None] * 3)

@@ -178,7 +178,7 @@ def test_eval_puts_base_and_adapters_in_one_table(tiny_model_dir, prompt_files, 
     rows = json.load(open(tmp_path / "eval" / "eval.json"))
     assert [r["model"] for r in rows] == ["base", "a", "b"] and rows[0]["adapter"] is None
     assert {r["eval_precision"] for r in rows} == {"fp32"}  # on fp32 weights, whatever the CPU: reproducible scores
-    for key in ("geneval_strict", "geneval", "quality", "average", "geneval/colors"):
+    for key in ("geneval_acc", "geneval", "quality", "average", "geneval/colors"):
         assert rows[1][key] == rows[2][key], key  # the same adapter, prompts and seeds give the same row
     assert "| a |" in open(tmp_path / "eval" / "table.md").read()
     assert os.path.isfile(tmp_path / "eval" / "grid.png")

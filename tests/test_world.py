@@ -26,7 +26,7 @@ def test_ground_truth_renders_score_high_on_geneval_and_ocr(test_split):
     scores = toy_world.score(images, [p for p, _ in items], [m for _, m in items])
     geneval = ~np.isnan(scores["geneval"])
     assert geneval.sum() == 192 and np.isnan(scores["geneval"][~geneval]).all()
-    assert scores["geneval_strict"][geneval].mean() >= 0.95
+    assert scores["geneval_acc"][geneval].mean() >= 0.95
     assert scores["geneval"][geneval].mean() >= 0.95
     assert np.nanmean(scores["ocr"]) >= 0.95
     assert scores["quality"].mean() >= 0.85
@@ -50,9 +50,9 @@ def _score_as(rendered_prompt, scored_prompt, seed=0):
 ])
 def test_wrong_renders_fail_geneval(rendered, asked):
     scores = _score_as(rendered, asked)
-    assert scores["geneval_strict"].mean() == 0
+    assert scores["geneval_acc"].mean() == 0
     assert scores["geneval"].mean() <= 0.75
-    assert _score_as(asked, asked)["geneval_strict"].mean() == 1
+    assert _score_as(asked, asked)["geneval_acc"].mean() == 1
 
 
 def test_wrong_text_scores_low_on_ocr():

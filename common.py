@@ -464,8 +464,8 @@ def adapter_layout(folder):
 
 
 def check_same_layout(adapters):
-    """All adapters {name: folder} have one rank, alpha and target set (as Flow-GRPO's teachers do);
-    a mismatch usually means a wrong folder, and breaks the `ab` rule."""
+    """All adapters {name: folder} have one rank, alpha and target set: what the `ab` merge rule (adding
+    A and B matrices key by key) needs. Other rules and Stage 3's mixed batches take any layouts."""
     layouts = {name: adapter_layout(folder) for name, folder in adapters.items()}
     first = next(iter(layouts))
     for name, layout in layouts.items():

@@ -82,7 +82,8 @@ def load_guides(policy, teachers, anchor):
     guides = {f"teacher_{task}": path for task, path in teachers.items()}
     if anchor != "base":
         guides["anchor"] = common.resolve_adapter(anchor)
-    common.check_same_layout(guides)
+    # ranks and targets may differ (a rank-64 merge, another anchor): peft runs each adapter's own LoRA on
+    # its rows of a mixed batch; load_adapter still checks that each one fits this base
     for name, path in guides.items():
         common.load_adapter(policy, path, name)
     return {task: f"teacher_{task}" for task in teachers}, ("anchor" if anchor != "base" else "__base__")

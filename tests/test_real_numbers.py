@@ -145,3 +145,30 @@ def test_pickscore_in_half_precision_and_offloaded_scores_as_fp32(tiny_clip_dir)
     assert half.model.dtype == torch.bfloat16 and half.model.device.type == "cpu"
     np.testing.assert_allclose(half(images, prompts)["pickscore"], full, atol=0.02)
     assert half.model.device.type == "cpu"  # back on the CPU after scoring
+
+
+def dense_deltas(folder):
+    """{module: (alpha / r) B A} of a peft folder, read from its files alone."""
+    from safetensors.torch import load_file
+    config = json.load(open(f"{folder}/adapter_config.json"))
+    weights = load_file(f"{folder}/adapter_model.safetensors")
+    return {key[:-len(".lora_A.weight")]: config["lora_alpha"] / config["r"] *
+            weights[key.replace("lora_A", "lora_B")].double() @ weights[key].double()
+            for key in weights if key.endswith("lora_A.weight")}
+
+
+def test_delta_merge_on_a_bf16_base_is_exact_to_fp32(tiny_sd3_dir, tmp_path):
+    import stage2_coldstart
+    from test_real_path import published_teacher
+    one, two = published_teacher(tiny_sd3_dir, tmp_path / "one", 1), published_teacher(tiny_sd3_dir, tmp_path / "two", 2)
+    stage2_coldstart.main(["merge", "--model", tiny_sd3_dir, "--model-dtype", "bfloat16", "--teachers",
+                           f"geneval={one},ocr={two}", "--weights", "0.7,0.3", "--out", str(tmp_path / "merge")])
+    got, a, b = dense_deltas(tmp_path / "merge" / "adapter"), dense_deltas(one), dense_deltas(two)
+    error = max(((got[k] - (0.7 * a[k] + 0.3 * b[k])).norm() / (0.7 * a[k] + 0.3 * b[k]).norm()).item() for k in a)
+    assert error < 1e-6, error
+    # the same merge left to peft alone is rounded to the bf16 base (what the fix is for)
+    bundle = training.load_model(tiny_sd3_dir, dtype=torch.bfloat16)
+    model = evaluation.load_adapters(bundle.transformer, [("geneval", one), ("ocr", two)])
+    model.add_weighted_adapter(["geneval", "ocr"], [0.7, 0.3], "plain", combination_type="cat")
+    module = model.base_model.model.transformer_blocks[0].attn.to_q
+    assert module.lora_A["plain"].weight.dtype == torch.bfloat16

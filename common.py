@@ -279,25 +279,45 @@ def load_prompts(path):
 
 DEFAULT_PROMPT_FILES = {"geneval": {"train": "geneval/train_metadata.jsonl", "test": "geneval/test_metadata.jsonl"},
                         "ocr": {"train": "ocr/train.txt", "test": "ocr/test.txt"}}
+# Other tasks' files in flow_grpo's dataset layout (--dataset flow_grpo/dataset): PickScore trains on dataset/pickscore
+TASK_PROMPT_FILES = {**DEFAULT_PROMPT_FILES, "pickscore": {"train": "pickscore/train.txt", "test": "pickscore/test.txt"}}
+
+
+def load_prompt_files(spec):
+    """[(prompt, metadata)] of comma-separated prompt files. An entry `task=path` labels each of its prompts
+    with that task (metadata "task", which the router R(c) follows): a plain prompt file such as flow_grpo's
+    dataset/pickscore/train.txt then routes to its teacher, e.g. "pickscore=dataset/pickscore/train.txt"."""
+    items = []
+    for entry in filter(None, spec.split(",")):
+        task, _, path = entry.rpartition("=")
+        items += [(prompt, {**(meta or {}), "task": task} if task else meta) for prompt, meta in load_prompts(path)]
+    return items
+
+
+def default_prompt_files(tasks, dataset, split):
+    """The `task=path` spec of the tasks' own `split` files in `dataset` (TASK_PROMPT_FILES)."""
+    unknown = [t for t in tasks if t not in TASK_PROMPT_FILES]
+    if unknown:
+        raise UserError(f"no default prompt files for task(s) {unknown} (known: {sorted(TASK_PROMPT_FILES)}); pass the "
+                        f"prompt files explicitly, labelled task=path")
+    return ",".join(f"{t}={os.path.join(dataset, TASK_PROMPT_FILES[t][split])}" for t in tasks)
 
 
 def prompts_by_task(files, tasks, dataset, split):
-    """{task: [(prompt, metadata)]}: the prompts of comma-separated `files` (or, when empty, the
-    dataset's `split` files of `tasks`) grouped by the router. A prompt routed to a task outside
-    `tasks`, or a task left with no prompt, is an error now rather than mid-run."""
-    unknown = [t for t in tasks if t not in DEFAULT_PROMPT_FILES]
-    if not files and unknown:
-        raise UserError(f"no default prompt files for task(s) {unknown}; pass the prompt files explicitly")
-    paths = files.split(",") if files else [os.path.join(dataset, DEFAULT_PROMPT_FILES[t][split]) for t in tasks]
+    """{task: [(prompt, metadata)]}: the prompts of comma-separated `files` (`path` or `task=path`; when
+    empty, the dataset's `split` files of `tasks`, each labelled with its task) grouped by the router. A
+    prompt routed to a task outside `tasks`, or a task left with no prompt, is an error now rather than mid-run."""
+    spec = files or default_prompt_files(tasks, dataset, split)
     grouped = {task: [] for task in tasks}
-    for prompt, meta in (item for path in paths for item in load_prompts(path)):
+    for prompt, meta in load_prompt_files(spec):
         try:
             grouped[route(prompt, meta, set(tasks))].append((prompt, meta))
         except ValueError as err:  # route() raises a plain ValueError, to stay copyable without this module
-            raise UserError(f"{err} (in {paths})") from None
+            raise UserError(f"{err} (in {spec})") from None
     empty = [task for task, items in grouped.items() if not items]
     if empty:
-        raise UserError(f"no {split} prompt routes to task(s) {empty}; expected prompts of every task in {paths}")
+        raise UserError(f"no {split} prompt routes to task(s) {empty}; expected prompts of every task in {spec} "
+                        f"(a plain prompt file of another task: label it, task=path)")
     return grouped
 
 

@@ -165,7 +165,8 @@ def main(argv=None):
     rewards.add_arguments(p)  # --eval-rewards (default: the world's columns), --pickscore-model, --geneval-url, ...
     p.add_argument("--adapters", default="", help='name=peft_folder,...; a row "base" (no adapter) comes first')
     p.add_argument("--no-base-row", action="store_true", help="leave the base model's row out")
-    p.add_argument("--test-prompts", default="dataset/geneval/test_metadata.jsonl,dataset/ocr/test.txt", help="files")
+    p.add_argument("--test-prompts", default="dataset/geneval/test_metadata.jsonl,dataset/ocr/test.txt",
+                   help="comma-separated prompt files, each path or task=path")
     p.add_argument("--steps", type=training.positive_int, default=None,
                    help="ODE steps (default: the model's; paper: 40)")
     p.add_argument("--guidance", type=training.nonnegative_float, default=None,
@@ -180,10 +181,9 @@ def main(argv=None):
     p.add_argument("--out", default="results/eval", help="output folder")
     args = p.parse_args(argv)
     adapters = parse_adapters(args.adapters)
-    files = args.test_prompts.split(",")
-    if args.test_prompts == p.get_default("test_prompts") and not all(os.path.isfile(f) for f in files):
+    if args.test_prompts == p.get_default("test_prompts"):
         toy_world.ensure_prompt_files("dataset")
-    items = [item for f in files for item in common.load_prompts(f)]
+    items = common.load_prompt_files(args.test_prompts)
     # K seeds per prompt shrink the scores' standard error ~sqrt(K) (one seed per prompt: ~0.047 on GenEval)
     prompts, metas = [p for p, _ in items] * args.samples_per_prompt, [m for _, m in items] * args.samples_per_prompt
     bundle = training.load_model_from_args(args)

@@ -270,11 +270,11 @@ def train_nft_epoch(policy, batch, advantages, informative, optimizer, args):
 
 
 def prompt_files(args):
-    """The train and test prompt files: --train-prompts / --test-prompts, else those of the tasks the
-    rewards judge (quality judges every prompt)."""
-    tasks = [t for t in common.DEFAULT_PROMPT_FILES if t in args.rewards] or list(common.DEFAULT_PROMPT_FILES)
+    """The train and test prompt specs: --train-prompts / --test-prompts, else the files of the tasks the
+    rewards judge (e.g. --reward pickscore: DATASET/pickscore/*.txt; quality judges every prompt)."""
+    tasks = [t for t in common.TASK_PROMPT_FILES if t in args.rewards] or list(common.DEFAULT_PROMPT_FILES)
     toy_world.ensure_prompt_files(args.dataset)
-    return [given.split(",") if given else [os.path.join(args.dataset, common.DEFAULT_PROMPT_FILES[t][split]) for t in tasks]
+    return [given or common.default_prompt_files(tasks, args.dataset, split)
             for given, split in ((args.train_prompts, "train"), (args.test_prompts, "test"))]
 
 
@@ -301,8 +301,10 @@ def parse_args(argv=None):
                         "the student; DiffusionNFT ramps to 0.5)")
     p.add_argument("--nft-old-ramp", type=training.nonnegative_int,
                    help="NFT: epochs over which that eta rises from 0 (default 0: no ramp)")
-    p.add_argument("--train-prompts", default=None, help="comma-separated prompt files (default: by reward)")
-    p.add_argument("--test-prompts", default=None, help="comma-separated prompt files (default: by reward)")
+    p.add_argument("--train-prompts", default=None,
+                   help="comma-separated prompt files, each path or task=path (default: by reward)")
+    p.add_argument("--test-prompts", default=None,
+                   help="comma-separated prompt files, each path or task=path (default: by reward)")
     p.add_argument("--prompts-per-epoch", type=training.positive_int, default=8,
                    help="M (paper: 48 per GPU x 8 GPUs / G)")
     p.add_argument("--group-size", type=training.positive_int, default=8, help="G rollouts per prompt (paper: 24)")
@@ -338,8 +340,7 @@ def main(argv=None):
     args.score, args.eval_rewards = rewards.from_args(args, bundle)
     training.sampling_defaults(args, bundle)
     train_files, test_files = prompt_files(args)
-    train_items = [item for f in train_files for item in common.load_prompts(f)]
-    test_items = [item for f in test_files for item in common.load_prompts(f)]
+    train_items, test_items = common.load_prompt_files(train_files), common.load_prompt_files(test_files)
 
     policy = training.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha, targets=args.lora_targets)
     if args.objective == "nft":  # the epoch's sampling policy, v_old of nft_loss

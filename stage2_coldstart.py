@@ -367,7 +367,9 @@ def main(argv=None):
     p.add_argument("--svd-rank", type=training.positive_int, default=None,
                    help="rank of the svd merge (default: the teachers')")
     p.add_argument("--dataset", default="dataset", help="folder of the default training prompt files")
-    p.add_argument("--train-prompts", default="", help="comma-separated prompt files (default: the teachers' tasks')")
+    p.add_argument("--train-prompts", default="",
+                   help="comma-separated prompt files, each path or task=path (a plain file of another task, e.g. "
+                        "pickscore=dataset/pickscore/train.txt) (default: the teachers' tasks')")
     p.add_argument("--samples-per-task", type=training.positive_int, default=256,
                    help="sft: teacher samples per task; bestofn: prompts per task")
     p.add_argument("--sample-steps", type=training.positive_int, default=None,

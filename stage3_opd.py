@@ -250,8 +250,11 @@ def parse_args(argv=None):
                    help="lambda of M5 (released: 0.04); 0 turns MAR off")
     p.add_argument("--schedule", choices=["sample", "epoch"], default="sample",
                    help="per-sample routing or one task per epoch")
-    p.add_argument("--train-prompts", default="", help="comma-separated prompt files (default: the teachers' tasks')")
-    p.add_argument("--test-prompts", default="", help="comma-separated prompt files (default: the teachers' tasks')")
+    p.add_argument("--train-prompts", default="",
+                   help="comma-separated prompt files, each path or task=path (a plain file of another task, e.g. "
+                        "pickscore=dataset/pickscore/train.txt) (default: the teachers' tasks')")
+    p.add_argument("--test-prompts", default="",
+                   help="comma-separated prompt files, each path or task=path (default: the teachers' tasks')")
     p.add_argument("--rollouts-per-epoch", type=training.positive_int, default=32,
                    help="on-policy trajectories per epoch (one prompt each)")
     p.add_argument("--train-batch-size", type=training.positive_int, default=16,

@@ -172,3 +172,36 @@ def test_delta_merge_on_a_bf16_base_is_exact_to_fp32(tiny_sd3_dir, tmp_path):
     model.add_weighted_adapter(["geneval", "ocr"], [0.7, 0.3], "plain", combination_type="cat")
     module = model.base_model.model.transformer_blocks[0].attn.to_q
     assert module.lora_A["plain"].weight.dtype == torch.bfloat16
+
+
+def test_a_pickscore_teacher_trains_on_its_prompt_set_and_the_router_sends_it_its_prompts(
+        tiny_sd3_dir, tiny_clip_dir, tmp_path):
+    import stage1_grpo
+    import stage3_opd
+    from test_real_path import published_teacher
+    dataset = tmp_path / "dataset"  # flow_grpo's layout: dataset/pickscore/{train,test}.txt, plain prompts
+    (dataset / "pickscore").mkdir(parents=True)
+    (dataset / "pickscore" / "train.txt").write_text("a cat in a garden\na red car at night\n")
+    (dataset / "pickscore" / "test.txt").write_text("a bowl of fruit\n")
+    (dataset / "geneval").mkdir()
+    meta = {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"}
+    for split in ("train", "test"):
+        (dataset / "geneval" / f"{split}_metadata.jsonl").write_text(json.dumps(meta) + "\n")
+    shared = ["--model", tiny_sd3_dir, "--lora-rank", "4", "--lora-alpha", "8", "--pickscore-model", tiny_clip_dir,
+              "--pickscore-processor", tiny_clip_dir, "--dataset", str(dataset), "--steps", "2", "--epochs", "1",
+              "--eval-steps", "2", "--eval-every", "1"]
+    stage1_grpo.main([*shared, "--reward", "pickscore", "--prompts-per-epoch", "2", "--group-size", "2",
+                      "--out", str(tmp_path / "teacher-pickscore")])
+    assert np.isfinite(json.loads(open(tmp_path / "teacher-pickscore" / "log.jsonl").readlines()[-1])["reward_pickscore"])
+    grouped = common.prompts_by_task("", ["geneval", "pickscore"], str(dataset), "train")
+    assert [p for p, _ in grouped["pickscore"]] == ["a cat in a garden", "a red car at night"]  # no "task" key in the file
+    assert [p for p, _ in grouped["geneval"]] == ["a photo of a circle"]
+    given = f"geneval={dataset}/geneval/train_metadata.jsonl,pickscore={dataset}/pickscore/train.txt"
+    assert common.prompts_by_task(given, ["geneval", "pickscore"], str(dataset), "train") == grouped
+    with pytest.raises(ValueError, match=r"no train prompt routes to task\(s\) \['pickscore'\].*label it, task=path"):
+        common.prompts_by_task(f"{dataset}/pickscore/train.txt", ["geneval", "pickscore"], str(dataset), "train")
+    teachers = f"geneval={published_teacher(tiny_sd3_dir, tmp_path / 'geneval', 1)},pickscore={tmp_path / 'teacher-pickscore' / 'adapter'}"
+    stage3_opd.main([*shared, "--teachers", teachers, "--rollouts-per-epoch", "4", "--train-batch-size", "2",
+                     "--eval-rewards", "pickscore", "--out", str(tmp_path / "opd")])
+    record = [json.loads(line) for line in open(tmp_path / "opd" / "log.jsonl")][-1]
+    assert np.isfinite(record["kl_teacher_pickscore"]) and np.isfinite(record["eval"]["pickscore"])

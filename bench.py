@@ -14,6 +14,8 @@ other tools) and BENCHMARKS.md is rewritten from it.
     python bench.py sampler   # images per second of the miniature eval sampler
     python bench.py overheads # before/after seconds of the overheads the stages avoid
     python bench.py pipeline  # minutes of the README's main command (python pipeline.py) from scratch
+    python bench.py ocr       # the shipped rapidocr recogniser on rendered English text: the OCR reward of
+                              #   perfect renders (miniature signs at 64 px; English phrases at 512 px, det+rec)
 
 Each SD3.5-M measurement runs in its own process, so that its peak RSS is its own.
 """
@@ -410,6 +412,42 @@ def pipeline_minutes(results):
     results["full_pipeline_minutes"] = (time.perf_counter() - start) / 60
 
 
+ENGLISH_PHRASES = ("Hello World", "OPEN 24 HOURS", "Fresh Coffee", "No Parking", "Welcome Home", "EXIT", "Sale 50% Off",
+                   "Keep Calm", "Good Morning", "Library", "Danger High Voltage", "Happy Birthday", "Stop", "Pizza Place",
+                   "Bus Stop", "Flow Matching", "Quiet Please", "Coffee Shop", "Thank You", "Summer 2024")
+
+
+def ocr(results):
+    """The OCR reward (METHOD.md §8) of the shipped recogniser (rapidocr's PP-OCRv6 small, multilingual:
+    Chinese + English + ...; flow_grpo uses PaddleOCR lang="en", which rapidocr would download) on
+    renders that are exactly right, so that 1 - reward is the engine's own error: the miniature's test
+    signs at 64 px (recognition only, as the miniature scores) and English phrases drawn 48 px high on
+    a 512 px canvas (detection + recognition, as the real path scores)."""
+    import random
+    from PIL import Image, ImageDraw, ImageFont
+    import numpy as np
+    signs = [p for p, _ in common.load_prompts("dataset/ocr/test.txt")] if os.path.isfile("dataset/ocr/test.txt") else \
+        [p for p, _ in toy_world.test_items() if '"' in p]
+    rng = random.Random(0)
+    images = np.stack([np.asarray(toy_world.render(p, rng=rng)) for p in signs])
+    texts = toy_world.ocr_read(images, mode="rec")
+    small = [toy_world.ocr_reward(t, p) for t, p in zip(texts, signs)]
+    font = ImageFont.load_default(size=48)
+    phrases, pictures = [], []
+    for i, phrase in enumerate(ENGLISH_PHRASES):
+        picture = Image.new("RGB", (512, 512), (235, 235, 225))
+        ImageDraw.Draw(picture).text((40 + 10 * (i % 5), 200 + 20 * (i % 7)), phrase, fill=(20, 20, 20), font=font)
+        pictures.append(np.asarray(picture))
+        phrases.append(f'a sign that says "{phrase}"')
+    texts = toy_world.ocr_read(np.stack(pictures), mode="det")
+    large = [toy_world.ocr_reward(t, p) for t, p in zip(texts, phrases)]
+    results.update({"ocr_rendered_signs_64px_mean_reward": float(np.mean(small)),
+                    "ocr_rendered_signs_64px_exact": float(np.mean(np.array(small) == 1)),
+                    "ocr_rendered_english_512px_mean_reward": float(np.mean(large)),
+                    "ocr_rendered_english_512px_exact": float(np.mean(np.array(large) == 1)),
+                    "ocr_rendered_english_512px_misread": [t for t, r in zip(texts, large) if r < 1]})
+
+
 def run_worker(*args):
     out = subprocess.run([sys.executable, __file__, "sd35m-worker", *map(str, args)], capture_output=True, text=True)
     if out.returncode != 0:
@@ -507,7 +545,7 @@ def write_markdown(results):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["peak", "sd35m", "sd35m-gpu", "loops", "modes", "sampler", "overheads",
-                                    "pipeline", "sd35m-worker"], help="which benchmark (see above)")
+                                    "pipeline", "ocr", "sd35m-worker"], help="which benchmark (see above)")
     p.add_argument("worker_args", nargs="*",
                    help="internal: layout, resolution, checkpointing, prompts, device of one worker")
     args = p.parse_args(argv)
@@ -520,7 +558,7 @@ def main(argv=None):
         results["peak_fp32_gflops"] = matmul_peak(torch.float32)
     else:
         {"loops": loops, "modes": modes, "pipeline": pipeline_minutes, "sampler": sampler, "overheads": overheads,
-         "sd35m-gpu": sd35m_gpu, "sd35m": sd35m}[args.what](results)
+         "sd35m-gpu": sd35m_gpu, "sd35m": sd35m, "ocr": ocr}[args.what](results)
     write(results, f"python bench.py {args.what}")
     print(json.dumps({k: v for k, v in results.items() if k != "commands"}, indent=1))
 

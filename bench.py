@@ -2,8 +2,10 @@ r"""Benchmarks (measured, never asserted by tests). Results are merged into BENC
 other tools) and BENCHMARKS.md is rewritten from it.
 
     python bench.py peak      # the machine's bf16 / fp32 matmul peak (GFLOP/s)
-    python bench.py sd35m-gpu # the same transformer on a CUDA GPU at the paper's 512 px: Stage 3 step time and
-                              #   the allocator's peak per prompts-per-chunk, checkpointing on/off
+    python bench.py sd35m-gpu # the same transformer on a CUDA GPU at the paper's 512 px: Stage 3 step and eval
+                              #   sampler step time, achieved TFLOP/s and fraction of peak, the allocator's peak
+                              #   per prompts-per-chunk, checkpointing on/off, torch.compile, flash SDPA
+                              #   (--smoke: the same path on the CPU, one layer, nothing recorded)
     python bench.py sd35m     # full-size SD3.5-Medium transformer, random bf16 weights, this CPU:
                               #   Stage 3 peak RSS, adapters on one base vs one model copy per guide,
                               #   one OPD step at 256 px (time, FLOPs, MFU), and the memory of a
@@ -20,6 +22,7 @@ other tools) and BENCHMARKS.md is rewritten from it.
 Each SD3.5-M measurement runs in its own process, so that its peak RSS is its own.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -70,7 +73,7 @@ def matmul_peak(dtype, sizes=(1024, 2048, 4096), repeats=20, budget_seconds=5.0)
     return best
 
 
-def build_sd35m(device="cpu"):
+def build_sd35m(device="cpu", layers=SD35M["num_layers"]):
     """The SD3.5-M transformer with random weights, allocated once in bf16 on `device` (frozen, eval mode).
     Built on the meta device, then filled: a normal constructor's fp32 temporaries would stay in the
     allocator's arenas and inflate every peak-RSS number by ~1.5 GiB per model."""
@@ -78,7 +81,8 @@ def build_sd35m(device="cpu"):
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("meta"):
-            model = SD3Transformer2DModel(**SD35M)
+            model = SD3Transformer2DModel(**{**SD35M, "num_layers": layers,
+                                             "dual_attention_layers": tuple(range(min(13, layers)))})
     finally:
         torch.set_default_dtype(torch.float32)
     model = model.to_empty(device=device)
@@ -149,14 +153,25 @@ def opd_step(policy, guides, optimizer, resolution, guidance=4.5, prompts=1, dev
     optimizer.zero_grad(set_to_none=True)
 
 
-def sd35m_worker(layout, resolution, checkpointing, prompts=1, device="cpu"):
+def sampling_step(policy, resolution, prompts, device, guidance=4.5):
+    """One step of the eval sampler: the student's CFG velocity for `prompts` prompts, no gradient."""
+    x, embeds, pooled = random_inputs(prompts, resolution, device)
+    negative = (torch.zeros(1, TEXT_TOKENS, 4096, device=device), torch.zeros(1, 2048, device=device))
+    with torch.no_grad(), common.autocast(device, True):
+        common.velocity(policy, x, 0.7, embeds, pooled, guidance, negative)
+
+
+def sd35m_worker(layout, resolution, checkpointing, prompts=1, device="cpu", compiled=False, flash=False, layers=24,
+                 profile=None):
     """One measurement in this process: build the layout, run steps (the first counts FLOPs), time the
-    last (on a GPU: the median of 3 after 2 warm-ups, cuBLAS/autotuning being in the first). Prints one
-    JSON line; peak memory is the process's RSS on CPU, the allocator's peak on a GPU."""
+    last (on a GPU: the median of 3 after 2 warm-ups, cuBLAS/autotuning/compilation being in the first). Prints
+    one JSON line; peak memory is the process's RSS on CPU, the allocator's peak on a GPU. `compiled`:
+    torch.compile of the transformer with the adapters in place; `flash`: SDPA restricted to its flash
+    kernel; AdamW is the fused one on a GPU; `profile`: a folder for a torch.profiler trace of the last step."""
     cuda = device.startswith("cuda")
     steps = 5 if cuda else 2
     start = time.time()
-    policy = training.make_policy(build_sd35m(device), 32, 64, targets=common.FLOW_GRPO_LORA_TARGETS).to(device)
+    policy = training.make_policy(build_sd35m(device, layers), 32, 64, targets=common.FLOW_GRPO_LORA_TARGETS).to(device)
     if checkpointing:
         policy.get_base_model().enable_gradient_checkpointing()
     if layout == "adapters":  # Flow-OPD here: 2 teachers + the anchor as adapters on the student's base
@@ -167,37 +182,59 @@ def sd35m_worker(layout, resolution, checkpointing, prompts=1, device="cpu"):
     elif layout == "copies":  # the released layout: a separate model per teacher; its default anchor is the
         copies = []           # base, i.e. the student's model with its adapter disabled (one copy fewer than ours)
         for i in range(2):
-            copy = common.add_lora(build_sd35m(device), 32, 64, common.FLOW_GRPO_LORA_TARGETS, name="guide").to(device)
+            copy = common.add_lora(build_sd35m(device, layers), 32, 64, common.FLOW_GRPO_LORA_TARGETS, name="guide").to(device)
             random_guide(copy, "guide", i)
             copies.append(copy.eval().requires_grad_(False))
         guides = ("copies", [copies[0], BaseOf(policy)])  # the routed teacher (geneval) and the anchor
-    else:  # the student alone, for the memory plan
+    else:  # the student alone ("student": its training step, for the memory plan; "sampler": eval sampling)
         guides = None
+    if compiled:  # the base model's forward, adapters included, is what the steps spend their time in
+        policy.get_base_model().compile()
     built = time.time() - start
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
-    from torch.utils.flop_counter import FlopCounterMode
-    seconds, flops = [], 0
-    for step in range(steps):
-        t0 = time.perf_counter()
-        if guides is None:
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4,
+                                  **({"fused": True} if cuda else {}))
+
+    def step():
+        if layout == "sampler":
+            sampling_step(policy, resolution, prompts, device)
+        elif guides is None:
             x0, embeds, pooled = random_inputs(prompts, resolution, device)
             loss = common.flow_matching_loss(policy, x0, embeds, pooled, bf16=True)  # bf16 weights
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        elif step == 0:
-            counter = FlopCounterMode(display=False)
-            with counter:
-                opd_step(policy, guides, optimizer, resolution, prompts=prompts, device=device)
-            flops = counter.get_total_flops()
         else:
             opd_step(policy, guides, optimizer, resolution, prompts=prompts, device=device)
-        if cuda:
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - t0)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    seconds, flops = [], 0
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if flash else contextlib.nullcontext():
+        for i in range(steps):
+            t0 = time.perf_counter()
+            if i == 0 and not compiled:  # FLOPs of eager ops (a compiled graph hides them: counted uncompiled)
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    step()
+                flops = counter.get_total_flops()
+            elif i == steps - 1 and profile:
+                from torch.profiler import ProfilerActivity, profile as profiler
+                with profiler(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as trace:
+                    step()
+                    if cuda:
+                        torch.cuda.synchronize()
+                os.makedirs(profile, exist_ok=True)
+                trace.export_chrome_trace(os.path.join(profile, f"{layout}_{resolution}_{prompts}p.json"))
+                print(trace.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25),
+                      file=sys.stderr)
+            else:
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else peak_rss_gib()
     print(json.dumps({"layout": layout, "resolution": resolution, "checkpointing": checkpointing, "prompts": prompts,
-                      "build_seconds": built, "step_seconds": sorted(seconds[2:])[1] if cuda else seconds[-1],
+                      "compiled": compiled, "flash": flash, "build_seconds": built,
+                      "step_seconds": sorted(seconds[2:])[1] if cuda else seconds[-1],
                       "flops": flops, "peak_gib": peak,
                       "params": sum(p.numel() for p in policy.get_base_model().parameters())}))
 
@@ -449,7 +486,8 @@ def ocr(results):
 
 
 def run_worker(*args):
-    out = subprocess.run([sys.executable, __file__, "sd35m-worker", *map(str, args)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "sd35m-worker", *(str(int(a) if isinstance(a, bool) else a) for a in args)],
+                         capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"worker {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -469,28 +507,55 @@ def cuda_matmul_peak(dtype=torch.bfloat16, n=8192, repeats=10):
     return 2 * n**3 / sorted(times[3:])[repeats // 2] / 1e9
 
 
-def sd35m_gpu(results):
+# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, no sparsity), by a word of the device name
+SPEC_PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
+
+
+def spec_peak(name):
+    return next((peak for key, peak in SPEC_PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+GPU_CASES = [  # (layout, checkpointing, prompts, compiled, flash): the plan's table, then what speeds the step up
+    ("adapters", 0, 1, 0, 0), ("adapters", 0, 4, 0, 0), ("adapters", 1, 1, 0, 0), ("adapters", 1, 16, 0, 0),
+    ("adapters", 0, 4, 1, 0), ("adapters", 0, 4, 0, 1), ("adapters", 0, 8, 1, 1), ("copies", 0, 1, 0, 0),
+    ("student", 0, 1, 0, 0), ("student", 1, 1, 0, 0), ("sampler", 0, 16, 0, 0), ("sampler", 0, 16, 1, 1)]
+
+
+def sd35m_gpu(results, smoke=False):
     """The plan's table, measured: Stage 3 at 512 px with CFG per prompts-per-chunk, with and without
-    gradient checkpointing, adapters vs copies, and the student's plain training step; peak = the CUDA
-    allocator's peak of that process (T5 and the CLIP encoders are not loaded: add their weights)."""
-    peak = cuda_matmul_peak()
-    results["gpu_name"] = torch.cuda.get_device_name()
-    results["gpu_peak_bf16_gflops"] = peak
-    for layout, checkpointing, prompts in [("adapters", 0, 1), ("adapters", 0, 4), ("adapters", 1, 1),
-                                           ("adapters", 1, 16), ("copies", 0, 1), ("student", 0, 1),
-                                           ("student", 1, 1)]:
-        key = f"gpu_sd35m_512_{layout}_{'ckpt_' if checkpointing else ''}{prompts}p"
+    gradient checkpointing, adapters vs copies, the student's plain training step, and the eval sampler's
+    step; then torch.compile (adapters in place), the flash SDPA kernel, and larger chunks without
+    recomputation. Each: peak = the CUDA allocator's peak of its process (T5 and the CLIP encoders are
+    not loaded: add their weights), achieved TFLOP/s (FLOPs counted eagerly, recomputation included) and
+    the fraction of the measured matmul peak and of the data-sheet peak. A profiler trace of the first
+    case goes to runs/bench-profile/. `smoke`: one layer at 128 px on the CPU, nothing recorded (the path's test)."""
+    device, resolution, layers = ("cpu", 128, 1) if smoke else ("cuda", 512, 24)
+    peak = matmul_peak(torch.bfloat16, sizes=(512,), repeats=2) if smoke else cuda_matmul_peak()
+    name = "cpu (smoke)" if smoke else torch.cuda.get_device_name()
+    results["gpu_name"], results["gpu_peak_bf16_gflops"] = name, peak
+    results["gpu_spec_peak_bf16_tflops"] = spec_peak(name)
+    flops_of = {}
+    smoke_cases = [GPU_CASES[0], ("adapters", 0, 2, 1, 1), ("sampler", 0, 2, 0, 0)]
+    for i, (layout, checkpointing, prompts, compiled, flash) in enumerate(smoke_cases if smoke else GPU_CASES):
+        key = (f"gpu_sd35m_{resolution}_{layout}_{'ckpt_' if checkpointing else ''}{prompts}p"
+               f"{'_compiled' if compiled else ''}{'_flash' if flash else ''}")
         try:
-            m = run_worker(layout, 512, checkpointing, prompts, "cuda")
+            m = run_worker(layout, resolution, checkpointing, prompts, device, compiled, flash, layers,
+                           "runs/bench-profile" if i == 0 else "")
         except SystemExit as error:  # e.g. out of memory: record it and go on
             print(error, file=sys.stderr)
             results[key + "_error"] = str(error).strip().splitlines()[-1][:200]
             continue
         results[key + "_peak_gib"] = m["peak_gib"]
         results[key + "_step_seconds"] = m["step_seconds"]
-        if m["flops"]:  # FlopCounterMode counts the checkpointed blocks' recomputation too
-            results[key + "_tflops_achieved"] = m["flops"] / m["step_seconds"] / 1e12
-            results[key + "_mfu"] = m["flops"] / m["step_seconds"] / 1e9 / peak
+        if m["flops"]:  # compiled: the eager count of the same step, which is linear in the prompts
+            flops_of[(layout, checkpointing)] = m["flops"] / prompts
+        flops = m["flops"] or flops_of.get((layout, checkpointing), 0) * prompts
+        if flops:
+            results[key + "_tflops_achieved"] = flops / m["step_seconds"] / 1e12
+            results[key + "_mfu"] = flops / m["step_seconds"] / 1e9 / peak
+            if results["gpu_spec_peak_bf16_tflops"]:
+                results[key + "_fraction_of_spec_peak"] = flops / m["step_seconds"] / 1e12 / results["gpu_spec_peak_bf16_tflops"]
         print(json.dumps({key: m}), flush=True)
 
 
@@ -547,11 +612,19 @@ def main(argv=None):
     p.add_argument("what", choices=["peak", "sd35m", "sd35m-gpu", "loops", "modes", "sampler", "overheads",
                                     "pipeline", "ocr", "sd35m-worker"], help="which benchmark (see above)")
     p.add_argument("worker_args", nargs="*",
-                   help="internal: layout, resolution, checkpointing, prompts, device of one worker")
+                   help="internal: layout, resolution, checkpointing, prompts, device[, compiled, flash, layers, profile]")
+    p.add_argument("--smoke", action="store_true",
+                   help="sd35m-gpu's path on the CPU with one layer at 128 px; records nothing (checks the script)")
     args = p.parse_args(argv)
     if args.what == "sd35m-worker":
-        layout, resolution, checkpointing, prompts, device = args.worker_args
-        return sd35m_worker(layout, int(resolution), bool(int(checkpointing)), int(prompts), device)
+        layout, resolution, checkpointing, prompts, device, *more = args.worker_args
+        compiled, flash, layers, profile = (more + ["0", "0", "24", ""])[:4] if len(more) < 4 else more
+        return sd35m_worker(layout, int(resolution), bool(int(checkpointing)), int(prompts), device, bool(int(compiled)),
+                            bool(int(flash)), int(layers), profile or None)
+    if args.smoke:
+        results = {}
+        sd35m_gpu(results, smoke=True)
+        return print(json.dumps(results, indent=1))
     results = json.load(open(RESULTS)) if os.path.isfile(RESULTS) else {}
     if args.what == "peak":
         results["peak_bf16_gflops"] = matmul_peak(torch.bfloat16)

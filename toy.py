@@ -162,7 +162,7 @@ Deterministic ODE, {args.eval_steps} steps, CFG {args.guidance}, seeds 0..159 (`
 
 ## Training curve (EMA weights, same evaluation)
 
-| step | train minutes | loss | GenEval strict | OCR | quality |
+| step | train minutes | loss | GenEval | OCR | quality |
 |---|---|---|---|---|---|
 {curve}
 """

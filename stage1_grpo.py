@@ -357,6 +357,7 @@ def main(argv=None):
     for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage1",
                       disable=args.rank > 0):
         start = time.time()
+        lr = training.set_epoch_lr(optimizer, args, epoch)
         epoch_rewards, items = args.rewards, train_items
         if args.mix == "alternate" and len(args.rewards) > 1:  # the released per-epoch task schedule
             task = list(args.rewards)[(epoch - 1) % len(args.rewards)]
@@ -376,7 +377,7 @@ def main(argv=None):
                   "reward_mean": float(np.nanmean(reward)), "reward_std": float(np.nanstd(reward)),
                   **{f"reward_{n}": float(np.nanmean(v)) for n, v in batch["scores"].items()},
                   "skipped_groups": int(len(set(groups)) - len(set(groups[informative]))),
-                  "seconds": time.time() - start, **(stats or {}), "skipped_update": not finite}
+                  "seconds": time.time() - start, "lr": lr, **(stats or {}), "skipped_update": not finite}
         training.end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate)
     training.finish_run(args, policy, "the EMA teacher")
 

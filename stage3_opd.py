@@ -306,6 +306,7 @@ def main(argv=None):
     for epoch in tqdm(range(epoch + 1, args.epochs + 1), initial=epoch, total=args.epochs, desc="stage3",
                       disable=args.rank > 0):
         start = time.time()
+        lr = training.set_epoch_lr(optimizer, args, epoch)
         task = sorted(teachers)[(epoch - 1) % len(teachers)] if args.schedule == "epoch" else None
         picked = draw_prompts(train_items, args.rollouts_per_epoch, rng, task)
         batch = sample_epoch(policy, bundle, picked, teachers, args, seed=args.seed * 100003 + epoch * 1009)
@@ -314,7 +315,7 @@ def main(argv=None):
         finite = math.isfinite(stats["loss"])
         bad_epochs = 0 if finite else bad_epochs + 1
         record = {"epoch": epoch, "trajectories": epoch * args.rollouts_per_epoch, "task": task or "mixed",
-                  "seconds": time.time() - start, **stats, "skipped_update": not finite}
+                  "seconds": time.time() - start, "lr": lr, **stats, "skipped_update": not finite}
         training.end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate)
     training.finish_run(args, policy, "the EMA student")
 

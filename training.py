@@ -228,6 +228,24 @@ def ema_decay(decay, updates):
     return 0.0 if decay == 0 else decay * (1 - decay ** (updates - 1)) / (1 - decay ** updates)
 
 
+def epoch_lr(lr, schedule, epoch, epochs):
+    """The learning rate of every update in `epoch` (1..epochs): `lr` when "constant"; when "cosine"
+        lr_e = lr (1 + cos(pi (e - 1) / E)) / 2,
+    lr in the first epoch, lr / 2 halfway (e = E/2 + 1), lr (1 - cos(pi / E)) / 2 ~ 0 in the last. Set per epoch
+    from the epoch number alone, so a resumed run follows the same schedule."""
+    if schedule == "constant":
+        return lr
+    return lr * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
+
+
+def set_epoch_lr(optimizer, args, epoch):
+    """Every parameter group's lr for `epoch` (epoch_lr with --lr, --lr-schedule, --epochs). Returns it."""
+    lr = epoch_lr(args.lr, args.lr_schedule, epoch, args.epochs)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def update_published_ema(policy, optimizer, decay):
     """After an optimizer step: "ema" <- the bias-corrected EMA of the student (ema_decay). The updates are
     counted in the optimizer's first parameter group, which its state_dict carries into checkpoints, so a
@@ -301,6 +319,9 @@ def add_run_arguments(p):
     p.add_argument("--ema", type=probability, default=0.9,
                    help="decay of the published adapter's EMA of the student, per optimizer update and bias-corrected "
                         "(training.ema_decay: the start weighs 0 after the first update); 0 publishes the student")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="the learning rate over the epochs (training.epoch_lr): constant, or a cosine decay to ~0 in the "
+                        "last epoch, so that the published student is not one noisy step of a high-lr run")
     p.add_argument("--seed", type=int, default=0, help="prompts, noise")
     p.add_argument("--eval-every", type=nonnegative_int, default=5,
                    help="epochs between test evaluations, and after the last (0: no evaluation)")

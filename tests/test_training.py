@@ -1,4 +1,7 @@
 """The published EMA: per optimizer update, bias-corrected, with the weights its docstring states."""
+import argparse
+import math
+
 import pytest
 import torch
 
@@ -34,3 +37,20 @@ def test_ema_decay_is_the_bias_corrected_recursion():
     assert training.ema_decay(0.9, 2) == pytest.approx(0.9 * 0.1 / (1 - 0.81))
     assert training.ema_decay(0.9, 1000) == pytest.approx(0.9)  # a long run: the plain EMA
     assert training.ema_decay(0.0, 7) == 0.0
+
+
+def test_cosine_lr_schedule_starts_at_lr_halves_midway_and_ends_near_zero():
+    lrs = [training.epoch_lr(1e-3, "cosine", e, 16) for e in range(1, 17)]
+    assert lrs[0] == pytest.approx(1e-3)
+    assert lrs[8] == pytest.approx(0.5e-3)  # epoch E/2 + 1
+    assert lrs[-1] == pytest.approx(1e-3 * (1 - math.cos(math.pi / 16)) / 2) and lrs[-1] < 0.01e-3
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert training.epoch_lr(1e-3, "constant", 16, 16) == 1e-3
+
+
+def test_set_epoch_lr_sets_every_group_of_the_optimizer():
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
+    optimizer = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:]}], lr=1.0)
+    args = argparse.Namespace(lr=2e-3, lr_schedule="cosine", epochs=4)
+    assert training.set_epoch_lr(optimizer, args, 3) == pytest.approx(1e-3)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 1e-3])

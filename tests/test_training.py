@@ -1,4 +1,4 @@
-"""The published EMA: per optimizer update, bias-corrected, with the weights its docstring states."""
+"""The published EMA (per optimizer update, bias-corrected, with the weights its docstring states) and the lr schedule."""
 import argparse
 import math
 

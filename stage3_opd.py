@@ -89,12 +89,40 @@ def load_guides(policy, teachers, anchor):
     return {task: f"teacher_{task}" for task in teachers}, ("anchor" if anchor != "base" else "__base__")
 
 
-def draw_prompts(items_by_task, count, rng, task=None):
+def draw_prompts(items_by_task, count, rng, task=None, shares=None):
     """`count` training prompts: each from a uniformly drawn task (mixed batches, per-sample routing),
-    or all from `task` (the released per-epoch schedule)."""
+    all from `task` (the released per-epoch schedule), or, with `shares` ({task: weight}), exactly
+    count * weight / sum(weights) from each task (largest remainders round), in shuffled order: a
+    stratified draw, so an epoch's task mix does not vary from epoch to epoch."""
     tasks = sorted(items_by_task)
-    return [(lambda t: items_by_task[t][rng.randrange(len(items_by_task[t]))])(task or tasks[rng.randrange(len(tasks))])
-            for _ in range(count)]
+    pick = lambda t: items_by_task[t][rng.randrange(len(items_by_task[t]))]
+    if shares is None or task:
+        return [pick(task or tasks[rng.randrange(len(tasks))]) for _ in range(count)]
+    exact = {t: count * shares[t] / sum(shares.values()) for t in tasks}
+    counts = {t: int(exact[t]) for t in tasks}
+    for t in sorted(tasks, key=lambda t: counts[t] - exact[t])[:count - sum(counts.values())]:
+        counts[t] += 1
+    routes = [t for t in tasks for _ in range(counts[t])]
+    rng.shuffle(routes)
+    return [pick(t) for t in routes]
+
+
+def parse_task_shares(text, tasks):
+    """'geneval=2,ocr=1' -> {'geneval': 2.0, 'ocr': 1.0}: each training task with a weight >= 0, not all 0."""
+    shares = {}
+    for part in filter(None, text.split(",")):
+        task, _, weight = part.partition("=")
+        try:
+            shares[task] = float(weight)
+        except ValueError:
+            raise common.UserError(f"share {weight!r} of {task!r} in --task-shares {text!r} is not a number; "
+                                   f"expected task=weight,... e.g. 'geneval=2,ocr=1'") from None
+        if not math.isfinite(shares[task]) or shares[task] < 0:
+            raise common.UserError(f"share of {task!r} in --task-shares {text!r} is {shares[task]}; expected >= 0")
+    if sorted(shares) != sorted(tasks) or not sum(shares.values()) > 0:
+        raise common.UserError(f"--task-shares {text!r} names {sorted(shares)}; expected one weight for each training "
+                               f"task {sorted(tasks)}, not all zero")
+    return shares
 
 
 @torch.no_grad()
@@ -250,6 +278,9 @@ def parse_args(argv=None):
                    help="lambda of M5 (released: 0.04); 0 turns MAR off")
     p.add_argument("--schedule", choices=["sample", "epoch"], default="sample",
                    help="per-sample routing or one task per epoch")
+    p.add_argument("--task-shares", default=None,
+                   help="task=weight,... each epoch's rollouts split exactly in these proportions (default: each "
+                        "prompt's task drawn uniformly)")
     p.add_argument("--train-prompts", default="",
                    help="comma-separated prompt files, each path or task=path (a plain file of another task, e.g. "
                         "pickscore=dataset/pickscore/train.txt) (default: the teachers' tasks')")
@@ -283,6 +314,7 @@ def main(argv=None):
     teachers = common.parse_teachers(args.teachers)
     toy_world.ensure_prompt_files(args.dataset)
     train_items = common.prompts_by_task(args.train_prompts, teachers, args.dataset, "train")
+    shares = parse_task_shares(args.task_shares, train_items) if args.task_shares is not None else None
     test_items = [item for items in common.prompts_by_task(args.test_prompts, teachers, args.dataset, "test").values()
                   for item in items]
     if args.updates_per_epoch and args.rollouts_per_epoch % args.updates_per_epoch:
@@ -308,7 +340,7 @@ def main(argv=None):
         start = time.time()
         lr = training.set_epoch_lr(optimizer, args, epoch)
         task = sorted(teachers)[(epoch - 1) % len(teachers)] if args.schedule == "epoch" else None
-        picked = draw_prompts(train_items, args.rollouts_per_epoch, rng, task)
+        picked = draw_prompts(train_items, args.rollouts_per_epoch, rng, task, shares)
         batch = sample_epoch(policy, bundle, picked, teachers, args, seed=args.seed * 100003 + epoch * 1009)
         v_teacher, v_anchor = guide_velocities(policy, batch, [teacher_of[r] for r in batch["routes"]], anchor_name, args)
         stats = train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args)

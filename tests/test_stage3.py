@@ -297,6 +297,30 @@ def test_stage3_runs_with_mar_off_and_resume_reproduces_the_next_epoch(tiny_mode
     assert os.path.isfile(tmp_path / "full" / "samples_epoch0002.png")
 
 
+def test_task_shares_draw_exact_counts_and_the_default_keeps_its_random_stream():
+    items = {"geneval": [("g", i) for i in range(50)], "ocr": [("o", i) for i in range(50)]}
+    for count, shares, expected in [(32, {"geneval": 2, "ocr": 1}, 21), (32, {"geneval": 1, "ocr": 1}, 16),
+                                    (7, {"geneval": 1, "ocr": 0}, 7), (5, {"geneval": 0.5, "ocr": 0.5}, 3)]:  # a tie: first task
+        for seed in range(5):
+            picked = stage3.draw_prompts(items, count, random.Random(seed), shares=shares)
+            assert len(picked) == count and sum(p[0] == "g" for p in picked) == expected  # 32*2/3 = 21.33 -> 21
+    orders = {tuple(p[0] for p in stage3.draw_prompts(items, 8, random.Random(s), shares={"geneval": 1, "ocr": 1}))
+              for s in range(5)}
+    assert len(orders) > 1  # shuffled, not task-sorted
+    counts = [sum(p[0] == "g" for p in stage3.draw_prompts(items, 32, random.Random(s))) for s in range(20)]
+    assert len(set(counts)) > 1  # the default draws each prompt's task, so the mix varies
+    rng = random.Random(3)  # the default's stream is the original interleaved task, item draws
+    expected = [
+        (lambda t: items[t][rng.randrange(50)])(["geneval", "ocr"][rng.randrange(2)]) for _ in range(6)]
+    assert stage3.draw_prompts(items, 6, random.Random(3)) == expected
+    assert stage3.parse_task_shares("geneval=2,ocr=1", items) == {"geneval": 2.0, "ocr": 1.0}
+    for text, match in [("geneval=2", "expected one weight for each training task"),
+                        ("geneval=0,ocr=0", "not all zero"), ("geneval=-1,ocr=1", "is -1.0; expected >= 0"),
+                        ("geneval=two,ocr=1", "share 'two' of 'geneval'")]:
+        with pytest.raises(common.UserError, match=match):
+            stage3.parse_task_shares(text, items)
+
+
 def test_stage3_bad_input_is_a_clear_error(tiny_model_dir, adapters, prompt_files, tmp_path):
     def run(*extra, teachers=None):
         argv = stage3_args(tiny_model_dir, adapters, prompt_files, tmp_path, "--epochs", "1", *extra)

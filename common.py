@@ -141,6 +141,8 @@ def step_kl(v_student, v_teacher, sigma, sigma_next, sigma_1, noise_level, weigh
       paper: KL_j = ||mu_s - mu_t||^2 / (2 s^2 |D|) = (|D| / 2) (c / s)^2 ||v_s - v_t||^2,
              c = 1 + s^2 (1 - sigma) / (2 sigma)
       code:  mean_d (mu_s - mu_t)^2 / (2 s^2)       = KL_j |D| / D_dims   (the released code)
+      flat:  (|D| / 2) ||v_s - v_t||^2               = KL_j (s / c)^2      (not the paper's: the velocity L2
+             integrated over time, without the (c / s)^2 that grows ~1000x from the first step to the last)
     Plain tensors and floats in and out: copy it with sde_std and _as_batch, it needs only torch."""
     v_student, v_teacher = v_student.float(), v_teacher.float()
     sigma_b = _as_batch(sigma, v_student)
@@ -152,7 +154,9 @@ def step_kl(v_student, v_teacher, sigma, sigma_next, sigma_1, noise_level, weigh
         return squared.sum(1) / (2 * s**2 * -delta).flatten()
     if weighting == "code":
         return squared.mean(1) / (2 * s**2).flatten()
-    raise ValueError(f"unknown KL weighting {weighting!r}; expected 'paper' or 'code'")
+    if weighting == "flat":
+        return squared.sum(1) / (2 * c**2 * -delta).flatten()
+    raise ValueError(f"unknown KL weighting {weighting!r}; expected 'paper', 'code' or 'flat'")
 
 
 # ----------------------------------------------------------------------------------------------

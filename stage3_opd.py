@@ -33,8 +33,12 @@ import training
 # The per-step objectives (M4)
 
 
-def kl_unit(sigma, sigma_next, dims, weighting):
-    """kappa_j with KL_weighting = kappa_j KL_paper (M3): 1 for "paper", |D_j| / dims for "code"."""
+def kl_unit(sigma, sigma_next, dims, weighting, sigma_1, noise_level):
+    """kappa_j with KL_weighting = kappa_j KL_paper (M3): 1 for "paper", |D_j| / dims for "code",
+    (s_j / c_j)^2 for "flat"."""
+    if weighting == "flat":
+        s = float(common.sde_std(sigma, sigma_next, sigma_1, noise_level))
+        return (s / (1 + s**2 * (1 - float(sigma)) / (2 * float(sigma)))) ** 2
     return 1.0 if weighting == "paper" else float(abs(sigma_next - sigma)) / dims
 
 
@@ -199,7 +203,8 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
     if args.objective == "ppo":
         rewards = torch.stack([sampled_log_ratio(states[:, j], states[:, j + 1], v_teacher[:, j], batch["log_probs"][:, j],
                                                  sigmas, j, args.noise_level) * kl_unit(sigmas[j], sigmas[j + 1],
-                                                 states[0, 0].numel(), args.kl_weighting) for j in range(steps)], 1)
+                                                 states[0, 0].numel(), args.kl_weighting, sigmas[1],
+                                                 args.noise_level) for j in range(steps)], 1)
         advantages = reward_to_go(rewards, args.gamma)
     params = [p for p in policy.parameters() if p.requires_grad]
     per_update = total // args.updates_per_epoch if args.updates_per_epoch else args.train_batch_size
@@ -273,7 +278,8 @@ def parse_args(argv=None):
                    help="M4 estimator")
     p.add_argument("--gamma", type=training.nonnegative_float, default=0.0,
                    help="ppo: reward-to-go discount (0 = per-step advantage)")
-    p.add_argument("--kl-weighting", choices=["paper", "code"], default="paper", help="M3 units (paper = the true KL)")
+    p.add_argument("--kl-weighting", choices=["paper", "code", "flat"], default="paper",
+                   help="M3 units (paper = the true KL; flat = the velocity L2 integrated over time, not the paper's)")
     p.add_argument("--mar-lambda", type=training.nonnegative_float, default=0.04,
                    help="lambda of M5 (released: 0.04); 0 turns MAR off")
     p.add_argument("--schedule", choices=["sample", "epoch"], default="sample",

@@ -52,7 +52,7 @@ def estimator_gradient(objective, states, log_probs, weighting, gamma=0.0, steps
     if objective == "ppo":
         rewards = torch.stack([stage3.sampled_log_ratio(states[:, j], states[:, j + 1], teacher(states[:, j]),
                                                         log_probs[:, j], SIGMAS, j, NOISE)
-                               * stage3.kl_unit(SIGMAS[j], SIGMAS[j + 1], D, weighting) for j in range(2)], 1)
+                               * stage3.kl_unit(SIGMAS[j], SIGMAS[j + 1], D, weighting, SIGMAS[1], NOISE) for j in range(2)], 1)
         advantages = stage3.reward_to_go(rewards, gamma)
     total = 0
     for j in steps:
@@ -105,7 +105,7 @@ def assert_matches(mean, stderr, expected, what):
     assert stderr.norm() < 0.1 * expected.norm(), f"{what}: too noisy to tell ({stderr.norm():.3g} vs {expected.norm():.3g})"
 
 
-@pytest.mark.parametrize("weighting", ["paper", "code"])
+@pytest.mark.parametrize("weighting", ["paper", "code", "flat"])
 def test_pathwise_and_ppo_mean_gradients_equal_the_analytic_kl_gradient(weighting):
     expected = local_gradient(weighting)
     assert expected.norm() > 0.1

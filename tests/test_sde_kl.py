@@ -151,10 +151,27 @@ def test_code_kl_is_paper_kl_times_delta_over_dims():
         torch.testing.assert_close(code, paper * abs(float(s[j + 1] - s[j])) / 48, rtol=1e-5, atol=1e-8)
 
 
+def test_flat_weighting_is_the_time_integrated_velocity_l2_and_the_paper_weight_spans_orders_of_magnitude():
+    import stage3_opd
+    s = sigmas()
+    v_student, v_teacher = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)
+    unit_weights = []
+    for j in range(10):
+        delta = abs(float(s[j + 1] - s[j]))
+        flat = common.step_kl(v_student, v_teacher, s[j], s[j + 1], s[1], NOISE, "flat")
+        torch.testing.assert_close(flat, delta / 2 * ((v_student - v_teacher) ** 2).sum(dim=(1, 2, 3)), rtol=1e-5, atol=1e-8)
+        paper = common.step_kl(v_student, v_teacher, s[j], s[j + 1], s[1], NOISE, "paper")
+        torch.testing.assert_close(flat, paper * stage3_opd.kl_unit(s[j], s[j + 1], 48, "flat", s[1], NOISE),
+                                   rtol=1e-5, atol=1e-8)
+        unit_weights.append(float(common.step_kl(torch.ones(1, 1), torch.zeros(1, 1), s[j], s[j + 1], s[1], NOISE)))
+    # the paper's KL weighs a unit velocity error at the last steps far above the first (why --kl-weighting flat)
+    assert max(unit_weights[-2:]) > 100 * unit_weights[0]
+
+
 def test_kl_is_zero_for_identical_velocities_and_positive_otherwise():
     s = sigmas()
     v = torch.randn(3, 3, 4, 4)
-    for weighting in ("paper", "code"):
+    for weighting in ("paper", "code", "flat"):
         assert torch.equal(common.step_kl(v, v.clone(), s[2], s[3], s[1], NOISE, weighting), torch.zeros(3))
         assert (common.step_kl(v, v + 0.1, s[2], s[3], s[1], NOISE, weighting) > 0).all()
     with pytest.raises(ValueError, match="weighting"):

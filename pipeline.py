@@ -12,8 +12,9 @@ Steps, each cached (a finished step is skipped, an interrupted one resumes from 
                                               and the GenEval teacher's NFT recipe (nft-mix)
   4. Stage 2 cold starts: merge and SFT       stage2_coldstart.py search (the merge chosen on a validation
                                               split of the training prompts) / sft
-  5. Stage 3 OPD with MAR (two seeds), and the ablations   stage3_opd.py (no MAR, no cold start, ppo,
-                                              per-epoch schedule, SFT start)
+  5. Stage 3 OPD with MAR (two seeds),        stage3_opd.py --kl-weighting flat; the same with the paper's
+     the paper's KL weighting, no MAR         weighting (opd-paper-kl), without MAR (opd-no-mar); behind
+                                              --ablations: no cold start, ppo, per-epoch schedule, SFT start
   6. every row scored on the same prompts     eval.py, --samples-per-prompt seeds per prompt
 Writes OUT/table.md (each score +- its standard error, and the share of each teacher's gain an OPD row
 keeps), OUT/table.json, OUT/grid.png (one column per model), OUT/curve.png (each task's test score against
@@ -49,9 +50,11 @@ FULL = {"geneval": [*NFT, "--prompts-per-epoch", "32", "--train-batch-size", "64
         "search": [],  # its defaults: 64 validation prompts per task, 10 candidate merges (docs/experiments.md)
         "sft": ["--samples-per-task", "128", "--train-steps", "100"],
         # Stage 3: 512 trajectories, 8 updates per epoch of 4 trajectories each, every epoch's trajectories used twice,
-        # the raw student published (docs/experiments.md, 2026-12-03: the recipe that kept the most of both gains)
+        # the raw student published, every step's velocity error weighted by the step's length alone: the paper's
+        # KL weighs the last steps ~1000x the first and leaves the layout (GenEval) undistilled (opd-paper-kl;
+        # docs/experiments.md, 2026-12-03)
         "opd": ["--epochs", "16", "--train-batch-size", "4", "--updates-per-epoch", "8", "--inner-epochs", "2",
-                "--lr", "1e-3", "--ema", "0"],
+                "--lr", "1e-3", "--ema", "0", "--kl-weighting", "flat"],
         "samples_per_prompt": "4",  # eval.py's seeds per prompt: standard errors ~0.025 instead of ~0.05
         "curve": {"grpo-mix": "4,8", "nft-mix": "10,25", "opd-merge": "4,8"}}  # --eval-at: the curve's inner
                                         # points; its ends are rows of eval.py (base / coldstart-merge, the trained row)
@@ -67,7 +70,8 @@ QUICK = {"geneval": [*NFT, "--epochs", "2", "--prompts-per-epoch", "2", "--group
          "samples_per_prompt": "1",
          "curve": {"grpo-mix": "1", "nft-mix": "1", "opd-merge": "1"}}
 NAMES = ("base", "teacher-geneval", "teacher-ocr", "teacher-quality", "grpo-mix", "nft-mix", "coldstart-merge",
-         "opd-merge", "opd-merge-seed1", "opd-sft", "opd-no-mar", "opd-no-coldstart", "opd-ppo", "opd-schedule")
+         "opd-merge", "opd-merge-seed1", "opd-paper-kl", "opd-sft", "opd-no-mar", "opd-no-coldstart", "opd-ppo",
+         "opd-schedule")
 CURVES = (("grpo-mix", "base", "GRPO-Mix"), ("nft-mix", "base", "NFT-Mix"),
           ("opd-merge", "coldstart-merge", "Flow-OPD"))  # (run, its start's row, label)
 TASKS = {"geneval": "geneval_acc", "ocr": "ocr"}  # each teacher's task and its table column
@@ -104,6 +108,8 @@ def plan(runs, budget, model, dataset, ablations=True):
                                    *evals("opd-merge")]),
         ("opd-merge-seed1", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor, *merge, *budget["opd"],
                                          "--seed", "1", *evals("opd-merge-seed1")]),
+        ("opd-paper-kl", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor, *merge, *budget["opd"],
+                                      "--kl-weighting", "paper", *evals("opd-paper-kl")]),  # the last flag wins
         ("opd-sft", stage3_opd, [*shared, "--teachers", teachers, "--anchor", anchor,
                                  "--init", f"{out('coldstart-sft')}/adapter", *budget["opd"], *evals("opd-sft")]),
         ("opd-no-mar", stage3_opd, [*shared, "--teachers", teachers, "--mar-lambda", "0", *merge, *budget["opd"],

@@ -14,7 +14,10 @@ updated to reduce
                     discounted reward-to-go with --gamma > 0) in the clipped surrogate
     paper-detached  the paper's text: -KL (detached) as the per-step advantage; its expected gradient
                     is zero (KL_j does not depend on the action), kept as a documented ablation
-Teachers, anchor and student are adapters on ONE base model. No reward model runs during training.
+KL_j = (|D_j| / 2) (c_j / s_j)^2 ||v_student - v_teacher||^2 weighs a velocity error at the last steps ~1000x
+one at the first, where the layout is drawn; --kl-weighting flat drops the (c_j / s_j)^2 (the miniature
+pipeline's choice: docs/experiments.md). Teachers, anchor and student are adapters on ONE base model. No
+reward model runs during training.
 """
 import math
 import time

@@ -39,9 +39,10 @@ import training
 def kl_unit(sigma, sigma_next, dims, weighting, sigma_1, noise_level):
     """kappa_j with KL_weighting = kappa_j KL_paper (M3): 1 for "paper", |D_j| / dims for "code",
     (s_j / c_j)^2 for "flat"."""
-    if weighting == "flat":
-        s = float(common.sde_std(sigma, sigma_next, sigma_1, noise_level))
-        return (s / (1 + s**2 * (1 - float(sigma)) / (2 * float(sigma)))) ** 2
+    if weighting == "flat":  # the ratio of M3's two forms for one unit error, so c_j stays in one place
+        unit = [common.step_kl(torch.ones(1, 1), torch.zeros(1, 1), sigma, sigma_next, sigma_1, noise_level, w)
+                for w in ("flat", "paper")]
+        return float(unit[0] / unit[1])
     return 1.0 if weighting == "paper" else float(abs(sigma_next - sigma)) / dims
 
 

@@ -310,8 +310,7 @@ def test_task_shares_draw_exact_counts_and_the_default_keeps_its_random_stream()
     counts = [sum(p[0] == "g" for p in stage3.draw_prompts(items, 32, random.Random(s))) for s in range(20)]
     assert len(set(counts)) > 1  # the default draws each prompt's task, so the mix varies
     rng = random.Random(3)  # the default's stream is the original interleaved task, item draws
-    expected = [
-        (lambda t: items[t][rng.randrange(50)])(["geneval", "ocr"][rng.randrange(2)]) for _ in range(6)]
+    expected = [(lambda t: items[t][rng.randrange(50)])(["geneval", "ocr"][rng.randrange(2)]) for _ in range(6)]
     assert stage3.draw_prompts(items, 6, random.Random(3)) == expected
     assert stage3.parse_task_shares("geneval=2,ocr=1", items) == {"geneval": 2.0, "ocr": 1.0}
     for text, match in [("geneval=2", "expected one weight for each training task"),

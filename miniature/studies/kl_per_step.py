@@ -21,7 +21,7 @@ lines, errors = [], {}
 for name in names:
     args = s3.parse_args(["--teachers", teachers, "--mar-lambda", "0", "--init", f"{runs}/{name}/adapter",
                           "--out", "/tmp/kl_per_step", "--rollouts-per-epoch", str(2 * per_task)])
-    rng = training.start_processes(args, train_batch_size=args.train_batch_size)
+    training.start_processes(args, train_batch_size=args.train_batch_size)
     bundle = training.load_model_from_args(args)
     training.sampling_defaults(args, bundle)
     policy = training.make_policy(bundle.transformer, init=args.init)

@@ -50,11 +50,11 @@ FULL = {"geneval": [*NFT, "--prompts-per-epoch", "32", "--train-batch-size", "64
         "search": [],  # its defaults: 64 validation prompts per task, 10 candidate merges (docs/experiments.md)
         "sft": ["--samples-per-task", "128", "--train-steps", "100"],
         # Stage 3: 512 trajectories, 8 updates per epoch of 4 trajectories each, every epoch's trajectories used twice,
-        # the raw student published, every step's velocity error weighted by the step's length alone: the paper's
-        # KL weighs the last steps ~1000x the first and leaves the layout (GenEval) undistilled (opd-paper-kl;
-        # docs/experiments.md, 2026-12-03)
+        # a per-update EMA published (~20 of its 256 updates: it smooths the last updates' noise, not the cold start),
+        # every step's velocity error weighted by the step's length alone: the paper's KL weighs the last steps
+        # ~1000x the first and leaves the layout (GenEval) undistilled (opd-paper-kl; docs/experiments.md, 2026-12-03)
         "opd": ["--epochs", "16", "--train-batch-size", "4", "--updates-per-epoch", "8", "--inner-epochs", "2",
-                "--lr", "1e-3", "--ema", "0", "--kl-weighting", "flat"],
+                "--lr", "1e-3", "--ema", "0.95", "--kl-weighting", "flat"],
         "samples_per_prompt": "4",  # eval.py's seeds per prompt: standard errors ~0.025 instead of ~0.05
         "curve": {"grpo-mix": "4,8", "nft-mix": "10,25", "opd-merge": "4,8"}}  # --eval-at: the curve's inner
                                         # points; its ends are rows of eval.py (base / coldstart-merge, the trained row)

@@ -17,8 +17,10 @@ Steps, each cached (a finished step is skipped, an interrupted one resumes from 
                                               --ablations: no cold start, ppo, per-epoch schedule, SFT start
   6. every row scored on the same prompts     eval.py, --samples-per-prompt seeds per prompt
 Writes OUT/table.md (each score +- its standard error, and the share of each teacher's gain an OPD row
-keeps), OUT/table.json, OUT/grid.png (one column per model), OUT/curve.png (each task's test score against
-the trajectories each method sampled, teachers as lines), OUT/adapters/<row>/, OUT/logs/ and OUT/commands.sh.
+keeps), OUT/table.json, OUT/minutes.json (each step's minutes, a cached one's as first measured, the
+evaluation's, and their sum), OUT/grid.png (one column per model), OUT/curve.png (each task's test score
+against the trajectories each method sampled, teachers as lines), OUT/adapters/<row>/, OUT/logs/ and
+OUT/commands.sh.
 """
 import json
 import os
@@ -228,7 +230,9 @@ def main(argv=None):
     eval_argv = ["--model", args.model, "--adapters", ",".join(f"{n}={a}" for n, a in rows), "--out", out,
                  "--samples-per-prompt", budget["samples_per_prompt"],
                  *(["--steps", "4", "--test-prompts", test_files] if args.quick else [])]
+    eval_started = time.time()
     evaluation.main(eval_argv)
+    eval_minutes = (time.time() - eval_started) / 60
     table = json.load(open(os.path.join(out, "eval.json")))
     for row in table:
         row["command"] = commands.get(row["model"], "(the shipped base, no training)")
@@ -244,6 +248,9 @@ def main(argv=None):
         f.write(f"# produced by: python pipeline.py{' --quick' if args.quick else ''} (every seed is 0)\n")
         f.writelines(f"{commands[n]}\n" for n, _, _ in plan(runs, budget, args.model, dataset, args.ablations))
         f.write(f"python eval.py {' '.join(eval_argv)}\n")
+    with open(os.path.join(out, "minutes.json"), "w") as f:  # a from-scratch run's time, also when steps were cached
+        json.dump({"steps": minutes, "evaluation": eval_minutes, "this_run": (time.time() - started) / 60,
+                   "all_steps_and_evaluation": sum(m or 0 for m in minutes.values()) + eval_minutes}, f, indent=1)
     curve_png(runs, table, os.path.join(out, "curve.png"))
     shutil.rmtree(os.path.join(out, "logs"), ignore_errors=True)  # the logs behind the README's numbers, this run's only
     os.makedirs(os.path.join(out, "logs"))

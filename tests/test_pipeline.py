@@ -20,6 +20,9 @@ def test_quick_pipeline_writes_the_table_and_caches_its_steps(tmp_path, capsys):
             assert row["command"].startswith("python ")
     for name in ("table.md", "grid.png", "curve.png", "commands.sh", "logs/grpo-mix.jsonl", "logs/opd-merge.jsonl"):
         assert os.path.isfile(out / name), name
+    minutes = json.load(open(out / "minutes.json"))
+    assert set(minutes["steps"]) == {n for n, _, _ in pipeline.plan("runs", pipeline.QUICK, "m", "d")}
+    assert minutes["all_steps_and_evaluation"] == sum(minutes["steps"].values()) + minutes["evaluation"] > 0
     for run, _, _ in pipeline.CURVES:  # the curve's inner point is evaluated in training, its ends by eval.py
         log = [json.loads(line) for line in open(out / "logs" / f"{run}.jsonl")]
         assert [r["epoch"] for r in log if "eval" in r] == [1] and log[-1]["epoch"] == 2

@@ -236,7 +236,7 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
                     kl_anchor = torch.zeros(len(idx), device=device)
                     if v_anchor is not None:
                         kl_anchor = common.step_kl(v, v_anchor[idx, j], sigmas[j], sigmas[j + 1], sigmas[1],
-                                                   args.noise_level, args.kl_weighting)
+                                                   args.noise_level, args.mar_kl_weighting or args.kl_weighting)
                         loss = loss + args.mar_lambda * kl_anchor.mean()
                     (loss * share).backward()
                     sums += torch.cat([torch.stack([loss.detach() * len(idx), kl_anchor.detach().sum()]),
@@ -286,6 +286,9 @@ def parse_args(argv=None):
                    help="M3 units (paper = the true KL; flat = the velocity L2 integrated over time, not the paper's)")
     p.add_argument("--mar-lambda", type=training.nonnegative_float, default=0.04,
                    help="lambda of M5 (released: 0.04); 0 turns MAR off")
+    p.add_argument("--mar-kl-weighting", choices=["paper", "code", "flat"], default=None,
+                   help="M3 units of the MAR term (default: --kl-weighting's); paper weighs the last, detail-drawing "
+                        "steps most, so the anchor governs detail and the teacher the layout")
     p.add_argument("--schedule", choices=["sample", "epoch"], default="sample",
                    help="per-sample routing or one task per epoch")
     p.add_argument("--task-shares", default=None,

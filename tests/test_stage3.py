@@ -188,7 +188,7 @@ def setup_policy(model_dir, adapters, anchor, bf16=False):
     teacher_of, anchor_name = stage3.load_guides(policy, {"geneval": adapters["geneval"], "ocr": adapters["ocr"]}, anchor)
     args = types.SimpleNamespace(train_batch_size=4, mar_lambda=0.04, guidance=4.5, negative=bundle.encode([""]),
                                  train_bf16=bf16, sample_bf16=bf16, rank=0, world=1, local_batch_size=4, steps=3, noise_level=0.7, resolution=None, objective="pathwise",
-                                 kl_weighting="paper", clip_range=1e-3, gamma=0.0, max_grad_norm=1.0,
+                                 kl_weighting="paper", mar_kl_weighting=None, clip_range=1e-3, gamma=0.0, max_grad_norm=1.0,
                                  updates_per_epoch=None, inner_epochs=1, ema=0.9)
     return bundle, policy, teacher_of, anchor_name, args
 
@@ -262,6 +262,24 @@ def test_gradient_accumulation_gives_the_update_of_one_big_batch(tiny_model_dir,
     moved = max((after[0][n] - after[1][n]).abs().max().item() for n in after[0])
     assert moved < 1e-5, moved  # float tolerance (chunked sums round differently)
     assert any(not torch.equal(after[0][n], after[1][n]) or after[0][n].abs().sum() > 0 for n in after[0])
+
+
+@pytest.mark.parametrize("mar_kl_weighting", [None, "paper"])
+def test_the_mar_term_is_measured_in_its_own_kl_weighting(tiny_model_dir, adapters, mar_kl_weighting):
+    """--mar-kl-weighting sets the units of M5's KL only; by default they are --kl-weighting's."""
+    bundle, policy, teacher_of, anchor_name, args = setup_policy(tiny_model_dir, adapters, adapters["quality"])
+    args.kl_weighting, args.mar_kl_weighting, args.updates_per_epoch = "flat", mar_kl_weighting, 1
+    picked = [("a red circle", None), ('a sign that says "AB"', None)] * 4
+    batch = stage3.sample_epoch(policy, bundle, picked, {"geneval": 1, "ocr": 1}, args, seed=0)
+    v_teacher, v_anchor = stage3.guide_velocities(policy, batch, [teacher_of[r] for r in batch["routes"]], anchor_name, args)
+    sigmas, steps = batch["sigmas"], len(batch["sigmas"]) - 1
+    expected = {w: sum(common.step_kl(batch["velocities"][:, j], v_anchor[:, j], sigmas[j], sigmas[j + 1], sigmas[1],
+                                      args.noise_level, w).mean().item() for j in range(steps)) / steps
+                for w in ("flat", "paper")}
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    stats = stage3.train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args)
+    assert stats["kl_anchor"] == pytest.approx(expected[mar_kl_weighting or "flat"], rel=1e-3)
+    assert expected["paper"] > 2 * expected["flat"]  # the two units do differ on this sampler
 
 
 def test_inner_epochs_reuse_the_trajectories_and_log_the_drift(tiny_model_dir, adapters):

@@ -7,15 +7,13 @@ Steps, each cached (a finished step is skipped, an interrupted one resumes from 
   1. the prompt files                         toy.py prompts
   2. teachers: geneval                        stage1_grpo.py --reward geneval --objective nft (GRPO is too slow here: README)
      ocr: a render specialist                 toy.py specialist (no reward-trained OCR teacher moves here)
-     and a quality teacher                    stage1_grpo.py --reward quality (the paper's kind of MAR anchor;
-                                              too weak here: MAR anchors to the merge cold start, step 4)
+     and the quality anchor                   stage1_grpo.py --reward quality
   3. the mixed-reward baselines                stage1_grpo.py --reward geneval=0.5,ocr=0.5: GRPO (grpo-mix)
                                               and the GenEval teacher's NFT recipe (nft-mix)
   4. Stage 2 cold starts: merge and SFT       stage2_coldstart.py search (the merge chosen on a validation
                                               split of the training prompts) / sft
-  5. Stage 3 OPD with MAR (two seeds),        stage3_opd.py --kl-weighting flat --mar-kl-weighting paper, anchor
-     the paper's KL weighting, no MAR         coldstart-merge; the same with the paper's weighting (opd-paper-kl),
-                                              without MAR (opd-no-mar); behind
+  5. Stage 3 OPD with MAR (two seeds),        stage3_opd.py --kl-weighting flat; the same with the paper's
+     the paper's KL weighting, no MAR         weighting (opd-paper-kl), without MAR (opd-no-mar); behind
                                               --ablations: no cold start, ppo, per-epoch schedule, SFT start
   6. every row scored on the same prompts     eval.py, --samples-per-prompt seeds per prompt
 Writes OUT/table.md (each score +- its standard error, and the share of each teacher's gain an OPD row
@@ -57,10 +55,8 @@ FULL = {"geneval": [*NFT, "--prompts-per-epoch", "32", "--train-batch-size", "64
         # a per-update EMA published (~20 of its 256 updates: it smooths the last updates' noise, not the cold start),
         # every step's velocity error weighted by the step's length alone: the paper's KL weighs the last steps
         # ~1000x the first and leaves the layout (GenEval) undistilled (opd-paper-kl; docs/experiments.md, 2026-12-03)
-        # and MAR in the paper's units, which weigh the last, detail-drawing steps most: the anchor keeps the detail
-        # (quality), the teachers the layout (docs/experiments.md, 2026-12-03, eighteenth session)
         "opd": ["--epochs", "16", "--train-batch-size", "4", "--updates-per-epoch", "8", "--inner-epochs", "2",
-                "--lr", "1e-3", "--ema", "0.95", "--kl-weighting", "flat", "--mar-kl-weighting", "paper"],
+                "--lr", "1e-3", "--ema", "0.95", "--kl-weighting", "flat"],
         "samples_per_prompt": "4",  # eval.py's seeds per prompt: standard errors ~0.025 instead of ~0.05
         "curve": {"grpo-mix": "4,8", "nft-mix": "10,25", "opd-merge": "4,8"}}  # --eval-at: the curve's inner
                                         # points; its ends are rows of eval.py (base / coldstart-merge, the trained row)
@@ -97,8 +93,7 @@ def plan(runs, budget, model, dataset, ablations=True):
     def evals(name):  # evaluations during training: only the curve's inner points (eval.py scores every row)
         return ["--eval-at", budget["curve"][name]] if name in budget["curve"] else ["--eval-every", "0"]
     teachers = f"geneval={out('teacher-geneval')}/adapter,ocr={out('teacher-ocr')}/adapter"
-    # MAR's anchor: the merge cold start, the best-quality model here (the quality teacher gains +0.01)
-    anchor = f"{out('coldstart-merge')}/adapter"
+    anchor = f"{out('teacher-quality')}/adapter"
     shared = ["--model", model, "--dataset", dataset]
     merge = ["--init", f"{out('coldstart-merge')}/adapter"]
     steps = [

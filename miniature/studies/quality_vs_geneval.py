@@ -9,11 +9,10 @@ right, each row's quality on the same correct scenes. Usage (after `python pipel
     python miniature/studies/quality_vs_geneval.py NAME=PEFT_FOLDER,... [SEEDS]
 Writes quality_vs_geneval.txt beside this file.
 """
-import os, sys
+import dataclasses, os, sys
 import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import common, eval as evaluation, training, toy_world
-import dataclasses
 
 rows = [("base", None)] + evaluation.parse_adapters(sys.argv[1])
 seeds = int(sys.argv[2]) if len(sys.argv) > 2 else 4
@@ -27,7 +26,8 @@ scores = {}
 for name, path in rows:
     with common.use_adapter(model, None if path is None else name):
         images = evaluation.sample_images(dataclasses.replace(bundle, transformer=model), prompts,
-                                          kept, 20, 4.5, bf16=False)
+                                          kept, bundle.defaults["eval_steps"],
+                                          bundle.defaults["guidance_scale"], bf16=False)
     scores[name] = toy_world.score(images, prompts, metas, names=("geneval", "quality"))
 tags = sorted({m["tag"] for m in metas})
 both = np.all([scores[n]["geneval_acc"] == 1 for n, _ in rows], axis=0)

@@ -43,8 +43,9 @@ import training
 # epoch and 0.9 over NFT's 8 stand where the per-epoch 0.8 and 0.5 of results/'s run stood (0.8^(1/4), 0.5^(1/8))
 GRPO = ["--sde-window", "2", "--lr", "1e-3", "--train-batch-size", "16", "--clip-range", "1e-3", "--ema", "0.95"]
 # The GenEval teacher (README, Stage 1): DiffusionNFT with its ramped soft update of the sampling policy, the recipe
-# that gained most over three seeds (+0.136, +0.178, +0.136) without diverging. 30 epochs, not 50: the last 20 bought
-# no GenEval (0.419 -> 0.422) and cost 0.05 quality and 0.15 OCR, which its student copied (docs/experiments.md)
+# that gained most over three seeds at 50 epochs (+0.136, +0.178, +0.136) without diverging. Trained 30, not 50: the
+# last 20 bought no GenEval (0.419 -> 0.422) and cost 0.05 quality and 0.15 OCR, which its student copied
+# (docs/experiments.md)
 NFT = ["--objective", "nft", "--lr", "3e-3", "--nft-times", "2", "--ema", "0.9", "--nft-old-decay", "0.5",
        "--nft-old-ramp", "20", "--train-precision", "bf16" if common.bf16_is_fast() else "fp32"]  # bf16 where native
 FULL = {"geneval": [*NFT, "--prompts-per-epoch", "32", "--train-batch-size", "64", "--steps", "6", "--epochs", "30"],

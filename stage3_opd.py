@@ -314,6 +314,8 @@ def parse_args(argv=None):
     p.add_argument("--clip-range", type=training.positive_float, default=1e-3,
                    help="ppo surrogate epsilon (mean-over-dims ratio)")
     p.add_argument("--lr", type=training.positive_float, default=3e-4, help="AdamW learning rate (paper: 3e-4)")
+    p.add_argument("--extra-rank", type=training.nonnegative_int, default=0,
+                   help="widen the --init adapter by this many LoRA components (B = 0: the same start, more capacity)")
     p.add_argument("--lora-rank", type=training.positive_int, default=32,
                    help="student LoRA rank without --init (paper: 32)")
     p.add_argument("--lora-alpha", type=training.positive_int, default=64,
@@ -340,7 +342,8 @@ def main(argv=None):
     score, eval_rewards = rewards.from_args(args, bundle)  # scorers run only at evaluation, never in training
     training.sampling_defaults(args, bundle)
 
-    policy = training.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha, args.init, args.lora_targets)
+    policy = training.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha, args.init, args.lora_targets,
+                                  args.extra_rank)
     teacher_of, anchor_name = load_guides(policy, teachers, args.anchor)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
     def evaluate(png):

@@ -183,9 +183,10 @@ def probability(text):
 # The student and its moving average
 
 
-def make_policy(transformer, rank=32, alpha=64, init=None, targets=common.FLOW_GRPO_LORA_TARGETS):
+def make_policy(transformer, rank=32, alpha=64, init=None, targets=common.FLOW_GRPO_LORA_TARGETS, extra_rank=0):
     """A PeftModel with the trainable adapter "student" (a fresh LoRA, or the peft folder `init`,
-    e.g. a Stage 2 cold start) and "ema", its moving average (what is evaluated and published)."""
+    e.g. a Stage 2 cold start, widened by `extra_rank` components: widen_student) and "ema", its moving
+    average (what is evaluated and published)."""
     if init:
         from peft import PeftModel
         init = common.resolve_adapter(init)
@@ -193,7 +194,13 @@ def make_policy(transformer, rank=32, alpha=64, init=None, targets=common.FLOW_G
             raise FileNotFoundError(f"initial adapter folder {str(init)!r} has no adapter_config.json; expected a "
                                     f"peft folder (e.g. a stage2_coldstart.py output)")
         common.check_adapter_fits(transformer, init)
-        policy = PeftModel.from_pretrained(transformer, str(init), adapter_name="student", is_trainable=True)
+        policy = PeftModel.from_pretrained(transformer, str(init), adapter_name="cold" if extra_rank else "student",
+                                           is_trainable=True)
+        if extra_rank:
+            widen_student(policy, "cold", extra_rank)
+    elif extra_rank:
+        raise common.UserError(f"extra rank {extra_rank} widens an initial adapter, but there is none; expected "
+                               f"--init, or a larger --lora-rank for a fresh LoRA")
     else:
         policy = common.add_lora(transformer, rank, alpha, targets)
     policy.add_adapter("ema", policy.peft_config["student"])
@@ -203,6 +210,31 @@ def make_policy(transformer, rank=32, alpha=64, init=None, targets=common.FLOW_G
             params[name.replace(".student.", ".ema.")].copy_(value)
     common.freeze_all_but(policy, "student")
     return policy.eval()  # no dropout anywhere; and peft's mixed-adapter batches run in eval mode only
+
+
+def widen_student(policy, source, extra_rank):
+    """Makes the trainable "student" LoRA the adapter `source` (rank r) grown to rank r + extra_rank, the
+    same function: its A and B fill the first r components, the new ones have B = 0 and A drawn like a fresh
+    LoRA's, and alpha grows with the rank so that the scale alpha / r is unchanged; `source` is deleted.
+    More capacity for Stage 3 without moving its start."""
+    config = policy.peft_config[source]
+    if config.use_rslora or config.rank_pattern or config.alpha_pattern:
+        raise common.UserError("extra rank needs a plain LoRA (no rslora, rank_pattern or alpha_pattern); "
+                               f"the initial adapter has use_rslora={config.use_rslora}, "
+                               f"rank_pattern={config.rank_pattern}, alpha_pattern={config.alpha_pattern}")
+    rank = config.r + extra_rank
+    policy.add_adapter("student", dataclasses.replace(config, r=rank, lora_alpha=config.lora_alpha * rank / config.r,
+                                                      init_lora_weights="gaussian", inference_mode=False))
+    params = dict(policy.named_parameters())
+    with torch.no_grad():
+        for name, value in lora_state(policy, source).items():
+            wide = params[name.replace(f".{source}.", ".student.")]
+            wide[tuple(slice(0, n) for n in value.shape)].copy_(value)  # A: rows 0..r-1; B: columns 0..r-1
+            if ".lora_B." in name:
+                wide[:, value.shape[1]:].zero_()
+    policy.set_adapter("student")
+    policy.delete_adapter(source)
+    return policy
 
 
 def lora_state(policy, adapter):

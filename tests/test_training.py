@@ -1,10 +1,12 @@
-"""The published EMA (per optimizer update, bias-corrected, with the weights its docstring states) and the lr schedule."""
+"""The published EMA (per optimizer update, bias-corrected, with the weights its docstring states), the lr schedule
+and the widened student (--extra-rank)."""
 import argparse
 import math
 
 import pytest
 import torch
 
+import common
 import training
 
 
@@ -54,3 +56,34 @@ def test_set_epoch_lr_sets_every_group_of_the_optimizer():
     args = argparse.Namespace(lr=2e-3, lr_schedule="cosine", epochs=4)
     assert training.set_epoch_lr(optimizer, args, 3) == pytest.approx(1e-3)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 1e-3])
+
+
+def test_widened_student_starts_as_its_init_and_trains_its_new_components(tiny_model_dir, tmp_path):
+    bundle = training.load_model(tiny_model_dir)
+    cold = common.add_lora(bundle.transformer, 4, 8, name="student")
+    with torch.no_grad():
+        for name, p in cold.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.1)  # a non-zero function, like a cold start's
+    common.save_adapter(cold, "student", str(tmp_path / "cold"))
+    x = torch.randn(2, *bundle.latent_shape(bundle.resolution))
+    embeds, pooled = bundle.encode(["a red circle", "a blue square"])
+    t = torch.tensor([500.0, 200.0])
+
+    def velocity(model):
+        with torch.no_grad():
+            return model(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t).sample
+
+    expected = velocity(cold)
+    wide = training.make_policy(training.load_model(tiny_model_dir).transformer, init=str(tmp_path / "cold"), extra_rank=12)
+    config = wide.peft_config["student"]
+    assert (config.r, config.lora_alpha / config.r) == (16, 8 / 4)  # rank grown, scale alpha / r kept
+    assert set(wide.peft_config) == {"student", "ema"}
+    torch.testing.assert_close(velocity(wide), expected, atol=1e-5, rtol=1e-5)
+    b = next(p for n, p in wide.named_parameters() if ".student." in n and ".lora_B." in n)
+    assert b.shape[1] == 16 and b.requires_grad and torch.all(b[:, 4:] == 0) and b[:, :4].abs().sum() > 0
+    out = wide(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t).sample
+    out.square().mean().backward()
+    assert b.grad[:, 4:].abs().sum() > 0  # the new components learn
+    with pytest.raises(common.UserError, match="extra rank 3 .* expected --init"):
+        training.make_policy(training.load_model(tiny_model_dir).transformer, 4, 8, extra_rank=3)

@@ -316,6 +316,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=training.positive_float, default=3e-4, help="AdamW learning rate (paper: 3e-4)")
     p.add_argument("--extra-rank", type=training.nonnegative_int, default=0,
                    help="widen the --init adapter by this many LoRA components (B = 0: the same start, more capacity)")
+    p.add_argument("--extra-targets", default="",
+                   help="comma-separated layers (name suffixes, e.g. attn.add_k_proj) the --init adapter is widened to "
+                        "(B = 0: the same start)")
     p.add_argument("--lora-rank", type=training.positive_int, default=32,
                    help="student LoRA rank without --init (paper: 32)")
     p.add_argument("--lora-alpha", type=training.positive_int, default=64,
@@ -343,7 +346,7 @@ def main(argv=None):
     training.sampling_defaults(args, bundle)
 
     policy = training.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha, args.init, args.lora_targets,
-                                  args.extra_rank)
+                                  args.extra_rank, tuple(filter(None, args.extra_targets.split(","))))
     teacher_of, anchor_name = load_guides(policy, teachers, args.anchor)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
     def evaluate(png):

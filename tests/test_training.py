@@ -60,7 +60,7 @@ def test_set_epoch_lr_sets_every_group_of_the_optimizer():
 
 def test_widened_student_starts_as_its_init_and_trains_its_new_components(tiny_model_dir, tmp_path):
     bundle = training.load_model(tiny_model_dir)
-    cold = common.add_lora(bundle.transformer, 4, 8, name="student")
+    cold = common.add_lora(bundle.transformer, 4, 8, ("to_q", "to_k", "to_v", "to_out.0"), name="student")
     with torch.no_grad():
         for name, p in cold.named_parameters():
             if ".lora_B." in name:
@@ -75,15 +75,22 @@ def test_widened_student_starts_as_its_init_and_trains_its_new_components(tiny_m
             return model(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t).sample
 
     expected = velocity(cold)
-    wide = training.make_policy(training.load_model(tiny_model_dir).transformer, init=str(tmp_path / "cold"), extra_rank=12)
+    wide = training.make_policy(training.load_model(tiny_model_dir).transformer, init=str(tmp_path / "cold"),
+                                extra_rank=12, extra_targets=("attn.add_k_proj",))
     config = wide.peft_config["student"]
     assert (config.r, config.lora_alpha / config.r) == (16, 8 / 4)  # rank grown, scale alpha / r kept
     assert set(wide.peft_config) == {"student", "ema"}
     torch.testing.assert_close(velocity(wide), expected, atol=1e-5, rtol=1e-5)
-    b = next(p for n, p in wide.named_parameters() if ".student." in n and ".lora_B." in n)
+    student = {n: p for n, p in wide.named_parameters() if ".student." in n}
+    b = next(p for n, p in student.items() if ".to_q.lora_B." in n)
     assert b.shape[1] == 16 and b.requires_grad and torch.all(b[:, 4:] == 0) and b[:, :4].abs().sum() > 0
+    new_b = next(p for n, p in student.items() if ".add_k_proj.lora_B." in n)  # a new layer, starting at 0
+    assert new_b.requires_grad and torch.all(new_b == 0)
     out = wide(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t).sample
     out.square().mean().backward()
-    assert b.grad[:, 4:].abs().sum() > 0  # the new components learn
-    with pytest.raises(common.UserError, match="extra rank 3 .* expected --init"):
+    assert b.grad[:, 4:].abs().sum() > 0 and new_b.grad.abs().sum() > 0  # the new components and layers learn
+    with pytest.raises(common.UserError, match=r"extra rank 3 .* expected --init"):
         training.make_policy(training.load_model(tiny_model_dir).transformer, 4, 8, extra_rank=3)
+    with pytest.raises(common.UserError, match="'attn.no_such_proj' names no layer"):
+        training.make_policy(training.load_model(tiny_model_dir).transformer, init=str(tmp_path / "cold"),
+                             extra_targets=("attn.no_such_proj",))

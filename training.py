@@ -183,11 +183,9 @@ def probability(text):
 # The student and its moving average
 
 
-def make_policy(transformer, rank=32, alpha=64, init=None, targets=common.FLOW_GRPO_LORA_TARGETS, extra_rank=0,
-                extra_targets=()):
-    """A PeftModel with the trainable adapter "student" (a fresh LoRA, or the peft folder `init`,
-    e.g. a Stage 2 cold start, widened by `extra_rank` components and `extra_targets` layers: widen_student)
-    and "ema", its moving average (what is evaluated and published)."""
+def make_policy(transformer, rank=32, alpha=64, init=None, targets=common.FLOW_GRPO_LORA_TARGETS, extra_rank=0, extra_targets=()):
+    """A PeftModel with the trainable adapter "student" (a fresh LoRA, or the peft folder `init`, e.g. a Stage 2
+    cold start, widened: widen_student) and "ema", its moving average (what is evaluated and published)."""
     if init:
         from peft import PeftModel
         init = common.resolve_adapter(init)
@@ -196,14 +194,12 @@ def make_policy(transformer, rank=32, alpha=64, init=None, targets=common.FLOW_G
                                     f"peft folder (e.g. a stage2_coldstart.py output)")
         common.check_adapter_fits(transformer, init)
         widen = bool(extra_rank or extra_targets)
-        policy = PeftModel.from_pretrained(transformer, str(init), adapter_name="cold" if widen else "student",
-                                           is_trainable=True)
-        if widen:
+        policy = PeftModel.from_pretrained(transformer, str(init), adapter_name="cold" if widen else "student", is_trainable=True)
+        if widen:  # more capacity, the same start
             widen_student(policy, "cold", extra_rank, extra_targets)
     elif extra_rank or extra_targets:
         raise common.UserError(f"extra rank {extra_rank} / extra targets {list(extra_targets)} widen an initial "
-                               f"adapter, but there is none; expected --init, or --lora-rank / --lora-targets "
-                               f"for a fresh LoRA")
+                               f"adapter, but there is none; expected --init (or --lora-rank for a fresh LoRA)")
     else:
         policy = common.add_lora(transformer, rank, alpha, targets)
     policy.add_adapter("ema", policy.peft_config["student"])
@@ -216,36 +212,27 @@ def make_policy(transformer, rank=32, alpha=64, init=None, targets=common.FLOW_G
 
 
 def widen_student(policy, source, extra_rank=0, extra_targets=()):
-    """Makes the trainable "student" LoRA the adapter `source` (rank r) grown to rank r + extra_rank and to
-    the layers `extra_targets` too, the same function: its A and B fill the first r components of its
-    layers, every new component and layer has B = 0 and A drawn like a fresh LoRA's, and alpha grows with
-    the rank so that the scale alpha / r is unchanged; `source` is deleted. More capacity for Stage 3 without
-    moving its start."""
-    config = policy.peft_config[source]
-    if config.use_rslora or config.rank_pattern or config.alpha_pattern:
-        raise common.UserError("extra rank needs a plain LoRA (no rslora, rank_pattern or alpha_pattern); "
-                               f"the initial adapter has use_rslora={config.use_rslora}, "
-                               f"rank_pattern={config.rank_pattern}, alpha_pattern={config.alpha_pattern}")
-    names = [name for name, _ in policy.get_base_model().named_modules()]
-    for target in extra_targets:
-        if not any(name == target or name.endswith("." + target) for name in names):
-            raise common.UserError(f"extra LoRA target {target!r} names no layer of this model; expected a module "
-                                   f"name suffix such as attn.add_k_proj")
+    """Makes the trainable "student" the LoRA `source` (rank r) grown to rank r + extra_rank and to the layers
+    `extra_targets`, the same function: its A and B fill the first r components, new components and layers
+    have B = 0 (A as a fresh LoRA's), alpha grows with r (alpha / r kept); `source` is deleted."""
+    config, names = policy.peft_config[source], [n for n, _ in policy.get_base_model().named_modules()]
+    unknown = [t for t in extra_targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown or config.use_rslora or config.rank_pattern or config.alpha_pattern:
+        raise common.UserError(f"extra LoRA targets {unknown} name no layer of this model (expected module name "
+                               f"suffixes such as attn.add_k_proj), or the initial LoRA uses rslora or patterns")
     rank = config.r + extra_rank
-    targets = sorted(set(config.target_modules) | set(extra_targets))
-    policy.add_adapter("student", dataclasses.replace(config, r=rank, lora_alpha=config.lora_alpha * rank / config.r,
-                                                      target_modules=targets, init_lora_weights="gaussian",
-                                                      inference_mode=False))
+    policy.add_adapter("student", dataclasses.replace(
+        config, r=rank, lora_alpha=config.lora_alpha * rank / config.r, init_lora_weights="gaussian",
+        target_modules=sorted(set(config.target_modules) | set(extra_targets)), inference_mode=False))
     params = dict(policy.named_parameters())
     with torch.no_grad():
         for name, value in lora_state(policy, source).items():
             wide = params[name.replace(f".{source}.", ".student.")]
-            wide[tuple(slice(0, n) for n in value.shape)].copy_(value)  # A: rows 0..r-1; B: columns 0..r-1
             if ".lora_B." in name:
-                wide[:, value.shape[1]:].zero_()
+                wide.zero_()  # the new components start silent
+            wide[tuple(slice(0, n) for n in value.shape)].copy_(value)  # A: rows 0..r-1; B: columns 0..r-1
     policy.set_adapter("student")
     policy.delete_adapter(source)
-    return policy
 
 
 def lora_state(policy, adapter):

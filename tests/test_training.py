@@ -91,6 +91,6 @@ def test_widened_student_starts_as_its_init_and_trains_its_new_components(tiny_m
     assert b.grad[:, 4:].abs().sum() > 0 and new_b.grad.abs().sum() > 0  # the new components and layers learn
     with pytest.raises(common.UserError, match=r"extra rank 3 .* expected --init"):
         training.make_policy(training.load_model(tiny_model_dir).transformer, 4, 8, extra_rank=3)
-    with pytest.raises(common.UserError, match="'attn.no_such_proj' names no layer"):
+    with pytest.raises(common.UserError, match=r"\['attn.no_such_proj'\] name no layer"):
         training.make_policy(training.load_model(tiny_model_dir).transformer, init=str(tmp_path / "cold"),
                              extra_targets=("attn.no_such_proj",))

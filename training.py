@@ -198,8 +198,7 @@ def make_policy(transformer, rank=32, alpha=64, init=None, targets=common.FLOW_G
         if widen:  # more capacity, the same start
             widen_student(policy, "cold", extra_rank, extra_targets)
     elif extra_rank or extra_targets:
-        raise common.UserError(f"extra rank {extra_rank} / extra targets {list(extra_targets)} widen an initial "
-                               f"adapter, but there is none; expected --init (or --lora-rank for a fresh LoRA)")
+        raise common.UserError(f"extra rank {extra_rank} / extra targets {list(extra_targets)} widen an initial adapter; expected --init")
     else:
         policy = common.add_lora(transformer, rank, alpha, targets)
     policy.add_adapter("ema", policy.peft_config["student"])
@@ -216,18 +215,19 @@ def widen_student(policy, source, extra_rank=0, extra_targets=()):
     `extra_targets`, the same function: its A and B fill the first r components, new components and layers
     have B = 0 (A as a fresh LoRA's), alpha grows with r (alpha / r kept); `source` is deleted."""
     config, names = policy.peft_config[source], [n for n, _ in policy.get_base_model().named_modules()]
+    if config.use_rslora or config.rank_pattern or config.alpha_pattern:  # their scale is not alpha / r
+        raise common.UserError(f"--extra-rank / --extra-targets need a plain LoRA; the initial one has use_rslora="
+                               f"{config.use_rslora}, rank_pattern={config.rank_pattern}, alpha_pattern={config.alpha_pattern}")
     unknown = [t for t in extra_targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if unknown or config.use_rslora or config.rank_pattern or config.alpha_pattern:
-        raise common.UserError(f"extra LoRA targets {unknown} name no layer of this model (expected module name "
-                               f"suffixes such as attn.add_k_proj), or the initial LoRA uses rslora or patterns")
-    rank = config.r + extra_rank
+    if unknown:
+        raise common.UserError(f"extra LoRA targets {unknown} name no layer of this model; expected e.g. attn.add_k_proj")
     policy.add_adapter("student", dataclasses.replace(
-        config, r=rank, lora_alpha=config.lora_alpha * rank / config.r, init_lora_weights="gaussian",
-        target_modules=sorted(set(config.target_modules) | set(extra_targets)), inference_mode=False))
-    params = dict(policy.named_parameters())
+        config, r=config.r + extra_rank, lora_alpha=config.lora_alpha * (config.r + extra_rank) / config.r,
+        init_lora_weights="gaussian", target_modules=sorted(set(config.target_modules) | set(extra_targets)),
+        inference_mode=False))
     with torch.no_grad():
         for name, value in lora_state(policy, source).items():
-            wide = params[name.replace(f".{source}.", ".student.")]
+            wide = policy.get_parameter(name.replace(f".{source}.", ".student."))
             if ".lora_B." in name:
                 wide.zero_()  # the new components start silent
             wide[tuple(slice(0, n) for n in value.shape)].copy_(value)  # A: rows 0..r-1; B: columns 0..r-1

@@ -1,5 +1,5 @@
 """The published EMA (per optimizer update, bias-corrected, with the weights its docstring states), the lr schedule
-and the widened student (--extra-rank)."""
+and the widened student (--extra-rank, --extra-targets)."""
 import argparse
 import math
 

@@ -48,27 +48,28 @@ class UserError(ValueError):
 
 
 def velocity(model, x, sigma, embeds, pooled, guidance_scale=1.0, negative=None, **model_kwargs):
-    """v = v_uncond + w (v_cond - v_uncond) (METHOD.md §0); one batched call, or a single conditional
-    call when w == 1. `negative` is (embeds, pooled) of the empty prompt, batch 1 or B. `sigma` is a
-    float or a (B,) tensor; the model is fed timestep = 1000 sigma. Needs only torch: `model` is any
-    diffusers SD3 transformer (or peft wrapper of one), so it can be copied into another codebase."""
+    """v = v_uncond + w (v_cond - v_uncond) (METHOD.md §0) in one batched call: the conditional branch of every
+    sample, the unconditional one of those with w != 1. w: a float, or a (B,) tensor, one scale per sample.
+    `negative`: (embeds, pooled) of the empty prompt, batch 1 or B. `sigma`: a float or a (B,) tensor; the model
+    is fed timestep = 1000 sigma. Needs only torch: `model` is any diffusers SD3 transformer or its peft wrapper."""
     batch = x.shape[0]
     names = model_kwargs.get("adapter_names")
     if names is not None and len(names) != batch:  # peft would raise AND leave its hooks attached
         raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch}; expected one per sample")
     timestep = (torch.as_tensor(sigma, dtype=torch.float32, device=x.device) * 1000).expand(batch)
-    if guidance_scale == 1.0:
-        return model(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
-                     timestep=timestep, return_dict=False, **model_kwargs)[0]
-    if negative is None:
+    scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device).expand(batch)
+    guided = (scale != 1.0).nonzero().squeeze(1)  # only these need the unconditional branch
+    if len(guided) and negative is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs the negative (empty) prompt embeddings")
-    neg_embeds, neg_pooled = (t.expand(batch, *t.shape[1:]) for t in negative)
-    doubled = {k: (v + v if isinstance(v, list) else v) for k, v in model_kwargs.items()}  # e.g. adapter_names
-    out = model(hidden_states=torch.cat([x, x]), encoder_hidden_states=torch.cat([neg_embeds, embeds]),
-                pooled_projections=torch.cat([neg_pooled, pooled]), timestep=torch.cat([timestep, timestep]),
-                return_dict=False, **doubled)[0]
-    v_uncond, v_cond = out.chunk(2)
-    return v_uncond + guidance_scale * (v_cond - v_uncond)
+    neg_embeds, neg_pooled = (t.expand(batch, *t.shape[1:])[guided] for t in negative or (embeds, pooled))
+    both = {k: ([v[i] for i in guided.tolist()] + v if isinstance(v, list) else v) for k, v in model_kwargs.items()}
+    out = model(hidden_states=torch.cat([x[guided], x]), encoder_hidden_states=torch.cat([neg_embeds, embeds]),
+                pooled_projections=torch.cat([neg_pooled, pooled]), timestep=torch.cat([timestep[guided], timestep]),
+                return_dict=False, **both)[0]  # both: e.g. adapter_names, one per row
+    v_uncond, v = out[:len(guided)], out[len(guided):]
+    w = scale[guided].to(v.dtype).view(-1, *[1] * (v.dim() - 1))
+    v_guided = v_uncond + w * (v[guided] - v_uncond)
+    return v_guided if len(guided) == batch else v.index_copy(0, guided, v_guided)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,12 +218,12 @@ def rollout_chunks(model, embeds, pooled, latent_shape, sigmas, seeds, chunk_siz
     """rollout() over chunks of `chunk_size` samples, bf16 autocast or not: with the same chunks and
     precision as a policy update that follows, it recomputes the stored log-probs bit for bit (the
     first PPO ratio is exactly 1). Returns rollout()'s dict for the whole batch."""
-    chunks = []
+    chunks, scale = [], torch.as_tensor(guidance_scale, dtype=torch.float32).expand(len(seeds))  # float or per sample
     for start in range(0, len(seeds), chunk_size):
         part = slice(start, start + chunk_size)
         with autocast(embeds.device, bf16):
             chunks.append(rollout(model, embeds[part], pooled[part], latent_shape, sigmas, seeds[part], noise_level,
-                                  guidance_scale, negative, decode, init_seeds[part] if init_seeds else None,
+                                  scale[part], negative, decode, init_seeds[part] if init_seeds else None,
                                   keep_velocities))
     out = {key: torch.cat([c[key] for c in chunks]) for key in ("states", "velocities", "log_probs", "images")
            if chunks[0][key] is not None}

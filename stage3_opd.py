@@ -115,21 +115,32 @@ def draw_prompts(items_by_task, count, rng, task=None, shares=None):
     return [pick(t) for t in routes]
 
 
-def parse_task_shares(text, tasks):
-    """'geneval=2,ocr=1' -> {'geneval': 2.0, 'ocr': 1.0}: each training task with a weight >= 0, not all 0."""
-    shares = {}
-    for part in filter(None, text.split(",")):
-        task, _, weight = part.partition("=")
+def parse_task_numbers(text, tasks, flag, example):
+    """'geneval=2,ocr=1' -> {'geneval': 2.0, 'ocr': 1.0}: one number >= 0 for each training task; a
+    plain number is that number for every task."""
+    parts = [part.rpartition("=") for part in filter(None, text.split(","))]
+    if len(parts) == 1 and not parts[0][0]:  # a plain number
+        parts = [(task, "=", parts[0][2]) for task in tasks]
+    numbers = {}
+    for task, _, value in parts:
         try:
-            shares[task] = float(weight)
+            numbers[task] = float(value)
         except ValueError:
-            raise common.UserError(f"share {weight!r} of {task!r} in --task-shares {text!r} is not a number; "
-                                   f"expected task=weight,... e.g. 'geneval=2,ocr=1'") from None
-        if not math.isfinite(shares[task]) or shares[task] < 0:
-            raise common.UserError(f"share of {task!r} in --task-shares {text!r} is {shares[task]}; expected >= 0")
-    if sorted(shares) != sorted(tasks) or not sum(shares.values()) > 0:
-        raise common.UserError(f"--task-shares {text!r} names {sorted(shares)}; expected one weight for each training "
-                               f"task {sorted(tasks)}, not all zero")
+            raise common.UserError(f"{value!r} of {task!r} in {flag} {text!r} is not a number; expected "
+                                   f"task=number,... e.g. {example!r}") from None
+        if not math.isfinite(numbers[task]) or numbers[task] < 0:
+            raise common.UserError(f"{task!r} in {flag} {text!r} is {numbers[task]}; expected a number >= 0")
+    if sorted(numbers) != sorted(tasks):
+        raise common.UserError(f"{flag} {text!r} names {sorted(numbers)}; expected one number for each training task "
+                               f"{sorted(tasks)}, e.g. {example!r}")
+    return numbers
+
+
+def parse_task_shares(text, tasks):
+    """--task-shares: {task: weight >= 0}, not all zero."""
+    shares = parse_task_numbers(text, tasks, "--task-shares", "geneval=2,ocr=1")
+    if not sum(shares.values()) > 0:
+        raise common.UserError(f"--task-shares {text!r} are all zero; expected at least one task with a weight > 0")
     return shares
 
 
@@ -152,7 +163,7 @@ def guide_velocities(policy, batch, teacher_names, anchor_name, args):
         for j in range(len(sigmas) - 1):
             with common.autocast(states.device, args.train_bf16):
                 v = common.velocity(policy, states[idx, j].repeat(copies, 1, 1, 1), sigmas[j], embeds, pooled,
-                                    args.guidance, args.negative, adapter_names=names).float()
+                                    batch["guidance"][idx].repeat(copies), args.negative, adapter_names=names).float()
             v_teacher[idx, j] = v[:len(names) // copies]
             if with_anchor:
                 v_anchor[idx, j] = v[len(names) // copies:]
@@ -161,18 +172,20 @@ def guide_velocities(policy, batch, teacher_names, anchor_name, args):
 
 def sample_epoch(policy, bundle, picked, teachers, args, seed):
     """On-policy student SDE rollouts (M1) of the picked (prompt, metadata) pairs, with their routes.
-    Every process gets the same global `picked` and rolls out its shard (item i has seed seed + i)."""
+    Every process gets the same global `picked` and rolls out its shard (item i has seed seed + i). Each
+    trajectory is sampled, and later trained, at the CFG scale of its task (`args.guidance`: {task: w} or one w)."""
     prompts = training.shard([p for p, _ in picked], args)
     all_routes = [common.route(p, m, set(teachers)) for p, m in picked]
     routes = training.shard(all_routes, args)
     embeds, pooled = bundle.encode(prompts)
+    guidance = torch.tensor([args.guidance[r] if isinstance(args.guidance, dict) else args.guidance for r in routes])
     sigmas = common.sampling_sigmas(bundle.scheduler, args.steps)
     batch = common.rollout_chunks(policy, embeds, pooled, bundle.latent_shape(bundle.resolution),
                                   sigmas, training.shard([seed + i for i in range(len(picked))], args), args.local_batch_size,
-                                  args.noise_level, args.guidance, args.negative, None,
+                                  args.noise_level, guidance, args.negative, None,
                                   args.train_bf16 if args.objective == "ppo" else args.sample_bf16,
                                   keep_velocities=True)  # the sampler's, for kl_to_sampler
-    batch.update(prompts=prompts, routes=routes, embeds=embeds, pooled=pooled,
+    batch.update(prompts=prompts, routes=routes, embeds=embeds, pooled=pooled, guidance=guidance,
                  task_counts={t: all_routes.count(t) for t in sorted(set(all_routes))})  # of the global batch
     return batch
 
@@ -228,7 +241,7 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
                     x, x_next = states[idx, j], states[idx, j + 1]
                     with common.autocast(x.device, args.train_bf16):
                         v = common.velocity(policy, x, sigmas[j], batch["embeds"][idx], batch["pooled"][idx],
-                                            args.guidance, args.negative)
+                                            batch["guidance"][idx], args.negative)
                     loss, kl, ratio = opd_step_loss(args.objective, v, v_teacher[idx, j], x, x_next,
                                                     batch["log_probs"][idx, j],
                                                     None if advantages is None else advantages[idx, j], sigmas, j,
@@ -309,8 +322,9 @@ def parse_args(argv=None):
     p.add_argument("--inner-epochs", type=training.positive_int, default=1,
                    help="passes over each epoch's trajectories: the states are fixed and the guides' velocities cached, "
                         "so later passes cost only the student's passes; the log's kl_to_sampler shows the drift")
-    p.add_argument("--guidance", type=training.nonnegative_float, default=None,
-                   help="CFG of student, teachers and anchor (paper: 4.5)")
+    p.add_argument("--guidance", default=None,
+                   help="CFG of student, teachers and anchor in training: one scale (paper: 4.5), or task=scale,... one "
+                        "per routed task, e.g. geneval=1,ocr=4.5 (the miniature pipeline's: README)")
     p.add_argument("--clip-range", type=training.positive_float, default=1e-3,
                    help="ppo surrogate epsilon (mean-over-dims ratio)")
     p.add_argument("--lr", type=training.positive_float, default=3e-4, help="AdamW learning rate (paper: 3e-4)")
@@ -333,6 +347,8 @@ def main(argv=None):
     toy_world.ensure_prompt_files(args.dataset)
     train_items = common.prompts_by_task(args.train_prompts, teachers, args.dataset, "train")
     shares = parse_task_shares(args.task_shares, train_items) if args.task_shares is not None else None
+    if args.guidance is not None:  # else the model's one scale (training.sampling_defaults)
+        args.guidance = parse_task_numbers(args.guidance, teachers, "--guidance", "geneval=1,ocr=4.5")
     test_items = [item for items in common.prompts_by_task(args.test_prompts, teachers, args.dataset, "test").values()
                   for item in items]
     if args.updates_per_epoch and args.rollouts_per_epoch % args.updates_per_epoch:

@@ -117,6 +117,11 @@ def test_cfg_helper_combines_the_two_predictions(tiny_bundle):
         uncond = common.velocity(b.transformer, x, 0.5, *(t.expand(2, *t.shape[1:]) for t in negative))
         guided = common.velocity(b.transformer, x, 0.5, embeds, pooled, 3.0, negative)
     torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # one scale per sample: each row is that row's single-scale velocity
+        per_sample = common.velocity(b.transformer, x, 0.5, embeds, pooled, torch.tensor([1.0, 3.0]), negative)
+        all_one = common.velocity(b.transformer, x, 0.5, embeds, pooled, torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(per_sample, torch.stack([cond[0], guided[1]]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(all_one, cond, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="negative"):
         common.velocity(b.transformer, x, 0.5, embeds, pooled, 3.0, None)
 

@@ -187,32 +187,39 @@ def setup_policy(model_dir, adapters, anchor, bf16=False):
     policy = training.make_policy(bundle.transformer, 4, 8)
     teacher_of, anchor_name = stage3.load_guides(policy, {"geneval": adapters["geneval"], "ocr": adapters["ocr"]}, anchor)
     args = types.SimpleNamespace(train_batch_size=4, mar_lambda=0.04, guidance=4.5, negative=bundle.encode([""]),
-                                 train_bf16=bf16, sample_bf16=bf16, rank=0, world=1, local_batch_size=4, steps=3, noise_level=0.7, resolution=None, objective="pathwise",
+                                 train_bf16=bf16, sample_bf16=bf16, rank=0, world=1, local_batch_size=4, steps=3,
+                                 noise_level=0.7, resolution=None, objective="pathwise",
                                  kl_weighting="paper", mar_kl_weighting=None, clip_range=1e-3, gamma=0.0, max_grad_norm=1.0,
                                  updates_per_epoch=None, inner_epochs=1, ema=0.9)
     return bundle, policy, teacher_of, anchor_name, args
 
 
-@pytest.mark.parametrize("anchor", ["base", "quality"])
-def test_mixed_batch_teacher_and_anchor_velocities_equal_each_adapter_alone(tiny_model_dir, adapters, anchor):
+@pytest.mark.parametrize("anchor,guidance", [("base", 4.5), ("quality", 4.5), ("quality", {"geneval": 1.0, "ocr": 4.5})])
+def test_mixed_batch_teacher_and_anchor_velocities_equal_each_adapter_alone(tiny_model_dir, adapters, anchor, guidance):
     bundle, policy, teacher_of, anchor_name, args = setup_policy(
         tiny_model_dir, adapters, "base" if anchor == "base" else adapters["quality"], bf16=False)
-    args.sample_bf16 = True  # bf16 rollouts; the guides still follow the fp32 training precision (checked at 1e-5)
+    args.sample_bf16, args.guidance = True, guidance  # bf16 rollouts; the guides follow the fp32 training precision
     picked = [("a red circle", None), ('a sign that says "AB"', None), ("two blue squares", None), ('"KEY"', None)]
     batch = stage3.sample_epoch(policy, bundle, picked, {"geneval": 1, "ocr": 1}, args, seed=0)
     assert batch["routes"] == ["geneval", "ocr", "geneval", "ocr"]
+    scales = [guidance[r] if isinstance(guidance, dict) else guidance for r in batch["routes"]]
+    assert batch["guidance"].tolist() == scales  # each trajectory at its task's scale, kept for training
     v_teacher, v_anchor = stage3.guide_velocities(policy, batch, [teacher_of[r] for r in batch["routes"]], anchor_name, args)
     j = 1
     x, sigma = batch["states"][:, j], batch["sigmas"][j]
     for i, route in enumerate(batch["routes"]):
+        one = dict(x=x[i:i + 1], sigma=sigma, embeds=batch["embeds"][i:i + 1], pooled=batch["pooled"][i:i + 1],
+                   guidance_scale=scales[i], negative=args.negative)
         with torch.no_grad(), common.use_adapter(policy, teacher_of[route]):
-            alone = common.velocity(policy, x[i:i + 1], sigma, batch["embeds"][i:i + 1], batch["pooled"][i:i + 1],
-                                    args.guidance, args.negative)
+            alone = common.velocity(policy, **one)
         torch.testing.assert_close(v_teacher[i, j], alone[0], atol=1e-5, rtol=1e-5)
-    with torch.no_grad(), common.use_adapter(policy, None if anchor == "base" else "anchor"):
-        anchor_alone = common.velocity(policy, x, sigma, batch["embeds"], batch["pooled"], args.guidance, args.negative)
-    torch.testing.assert_close(v_anchor[:, j], anchor_alone, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(v_teacher[0, j], anchor_alone[0], atol=1e-3)  # the adapters do differ
+        with torch.no_grad(), common.use_adapter(policy, None if anchor == "base" else "anchor"):
+            anchor_alone = common.velocity(policy, **one)
+        torch.testing.assert_close(v_anchor[i, j], anchor_alone[0], atol=1e-5, rtol=1e-5)
+        with torch.no_grad(), common.use_adapter(policy, "student"), common.autocast(x.device, True):
+            sampler = common.velocity(policy, **{**one, "x": batch["states"][i:i + 1, 0], "sigma": batch["sigmas"][0]})
+        torch.testing.assert_close(batch["velocities"][i, 0], sampler[0].float(), atol=2e-2, rtol=2e-2)  # at its scale
+    assert not torch.allclose(v_teacher[0, j], v_anchor[0, j], atol=1e-3)  # the adapters do differ
 
 
 @pytest.mark.parametrize("objective", ["pathwise", "ppo"])
@@ -294,6 +301,11 @@ def test_inner_epochs_reuse_the_trajectories_and_log_the_drift(tiny_model_dir, a
     drift = stats["kl_to_sampler"]
     assert drift[0] < drift[1] < drift[2]  # every pass further from the policy that sampled the states
     assert stats["kl_teacher_geneval"] > 0  # logged from the first, on-policy pass
+    args.guidance, args.updates_per_epoch, args.inner_epochs = {"geneval": 1.0, "ocr": 4.5}, 1, 1
+    batch = stage3.sample_epoch(policy, bundle, picked, {"geneval": 1, "ocr": 1}, args, seed=1)
+    v_teacher, v_anchor = stage3.guide_velocities(policy, batch, [teacher_of[r] for r in batch["routes"]], anchor_name, args)
+    stats = stage3.train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args)
+    assert stats["kl_to_sampler"][0] < 1e-6  # before its one update, the student is its sampler, at each task's scale
 
 
 def test_stage3_runs_with_mar_off_and_resume_reproduces_the_next_epoch(tiny_model_dir, adapters, prompt_files, tmp_path):
@@ -331,9 +343,10 @@ def test_task_shares_draw_exact_counts_and_the_default_keeps_its_random_stream()
     expected = [(lambda t: items[t][rng.randrange(50)])(["geneval", "ocr"][rng.randrange(2)]) for _ in range(6)]
     assert stage3.draw_prompts(items, 6, random.Random(3)) == expected
     assert stage3.parse_task_shares("geneval=2,ocr=1", items) == {"geneval": 2.0, "ocr": 1.0}
-    for text, match in [("geneval=2", "expected one weight for each training task"),
-                        ("geneval=0,ocr=0", "not all zero"), ("geneval=-1,ocr=1", "is -1.0; expected >= 0"),
-                        ("geneval=two,ocr=1", "share 'two' of 'geneval'")]:
+    assert stage3.parse_task_numbers("2.5", items, "--guidance", "") == {"geneval": 2.5, "ocr": 2.5}
+    for text, match in [("geneval=2", "expected one number for each training task"),
+                        ("geneval=0,ocr=0", "all zero"), ("geneval=-1,ocr=1", "is -1.0; expected a number >= 0"),
+                        ("geneval=two,ocr=1", "'two' of 'geneval' in --task-shares")]:
         with pytest.raises(common.UserError, match=match):
             stage3.parse_task_shares(text, items)
 
@@ -350,6 +363,8 @@ def test_stage3_bad_input_is_a_clear_error(tiny_model_dir, adapters, prompt_file
         run(teachers=f"geneval={adapters['geneval']}")
     with pytest.raises(SystemExit):
         run("--mar-lambda", "-1")
+    with pytest.raises(common.UserError, match="--guidance 'geneval=1' names \\['geneval'\\]; expected one number for each"):
+        run("--guidance", "geneval=1")
 
 
 def test_best_of_n_keeps_each_prompts_best_sample_and_caches_them(tiny_model_dir, prompt_files, tmp_path):

@@ -12,9 +12,9 @@ Steps, each cached (a finished step is skipped, an interrupted one resumes from 
                                               and the GenEval teacher's NFT recipe (nft-mix)
   4. Stage 2 cold starts: merge and SFT       stage2_coldstart.py search (the merge chosen on a validation
                                               split of the training prompts) / sft
-  5. Stage 3 OPD with MAR (two seeds),        stage3_opd.py --kl-weighting flat; the same with the paper's
-     the paper's KL weighting, no MAR         weighting (opd-paper-kl), without MAR (opd-no-mar); behind
-                                              --ablations: no cold start, ppo, per-epoch schedule, SFT start
+  5. Stage 3 OPD with MAR (two seeds),        stage3_opd.py --kl-weighting flat --guidance geneval=1,ocr=4.5;
+     the paper's KL weighting, no MAR         the paper's weighting (opd-paper-kl), without MAR (opd-no-mar);
+                                              behind --ablations: no cold start, ppo, per-epoch schedule, SFT start
   6. every row scored on the same prompts     eval.py, --samples-per-prompt seeds per prompt
 Writes OUT/table.md (each score +- its standard error, and the share of each teacher's gain an OPD row
 keeps), OUT/table.json, OUT/minutes.json (each step's minutes, a cached one's as first measured, the
@@ -56,9 +56,11 @@ FULL = {"geneval": [*NFT, "--prompts-per-epoch", "32", "--train-batch-size", "64
         # Stage 3: 512 trajectories, 8 updates per epoch of 4 trajectories each, every epoch's trajectories used twice,
         # a per-update EMA published (~20 of its 256 updates: it smooths the last updates' noise, not the cold start),
         # every step's velocity error weighted by the step's length alone: the paper's KL weighs the last steps
-        # ~1000x the first and leaves the layout (GenEval) undistilled (opd-paper-kl; docs/experiments.md, 2026-12-03)
+        # ~1000x the first and leaves the layout (GenEval) undistilled (opd-paper-kl; docs/experiments.md, 2026-12-03),
+        # GenEval prompts unguided and OCR prompts at CFG 4.5: the guided KL weighs the unconditional branch, the same
+        # for both tasks' prompts, by (1 - 4.5)^2, and the two teachers' pulls on it cancel (2026-12-04)
         "opd": ["--epochs", "16", "--train-batch-size", "4", "--updates-per-epoch", "8", "--inner-epochs", "2",
-                "--lr", "1e-3", "--ema", "0.95", "--kl-weighting", "flat"],
+                "--lr", "1e-3", "--ema", "0.95", "--kl-weighting", "flat", "--guidance", "geneval=1,ocr=4.5"],
         "samples_per_prompt": "4",  # eval.py's seeds per prompt: standard errors ~0.025 instead of ~0.05
         "curve": {"grpo-mix": "4,8", "nft-mix": "10,25", "opd-merge": "4,8"}}  # --eval-at: the curve's inner
                                         # points; its ends are rows of eval.py (base / coldstart-merge, the trained row)
@@ -70,7 +72,7 @@ QUICK = {"geneval": [*NFT, "--epochs", "2", "--prompts-per-epoch", "2", "--group
          "sft": ["--samples-per-task", "8", "--train-steps", "2", "--batch-size", "8", "--sample-steps", "4"],
          "search": ["--val-per-task", "2", "--candidates", "delta:0.5,0.5;delta:1,1"],
          "opd": ["--epochs", "2", "--rollouts-per-epoch", "8", "--train-batch-size", "4", "--updates-per-epoch", "2",
-                 "--steps", "4", "--eval-steps", "4"],
+                 "--steps", "4", "--eval-steps", "4", "--guidance", "geneval=1,ocr=4.5"],
          "samples_per_prompt": "1",
          "curve": {"grpo-mix": "1", "nft-mix": "1", "opd-merge": "1"}}
 NAMES = ("base", "teacher-geneval", "teacher-ocr", "teacher-quality", "grpo-mix", "nft-mix", "coldstart-merge",

@@ -58,7 +58,7 @@ FULL = {"geneval": [*NFT, "--prompts-per-epoch", "32", "--train-batch-size", "64
         # every step's velocity error weighted by the step's length alone: the paper's KL weighs the last steps
         # ~1000x the first and leaves the layout (GenEval) undistilled (opd-paper-kl; docs/experiments.md, 2026-12-03),
         # GenEval prompts unguided and OCR prompts at CFG 4.5: the guided KL weighs the unconditional branch, the same
-        # for both tasks' prompts, by (1 - 4.5)^2, and the two teachers' pulls on it cancel (2026-12-04)
+        # for both tasks' prompts, by (1 - 4.5)^2: one student branch cannot match both teachers' (2026-12-04)
         "opd": ["--epochs", "16", "--train-batch-size", "4", "--updates-per-epoch", "8", "--inner-epochs", "2",
                 "--lr", "1e-3", "--ema", "0.95", "--kl-weighting", "flat", "--guidance", "geneval=1,ocr=4.5"],
         "samples_per_prompt": "4",  # eval.py's seeds per prompt: standard errors ~0.025 instead of ~0.05

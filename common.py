@@ -66,8 +66,7 @@ def velocity(model, x, sigma, embeds, pooled, guidance_scale=1.0, negative=None,
     out = model(hidden_states=torch.cat([x[guided], x]), encoder_hidden_states=torch.cat([neg_embeds, embeds]),
                 pooled_projections=torch.cat([neg_pooled, pooled]), timestep=torch.cat([timestep[guided], timestep]),
                 return_dict=False, **both)[0]  # both: e.g. adapter_names, one per row
-    v_uncond, v = out[:len(guided)], out[len(guided):]
-    w = scale[guided].to(v.dtype).view(-1, *[1] * (v.dim() - 1))
+    v_uncond, v, w = out[:len(guided)], out[len(guided):], scale[guided].to(out.dtype).view(-1, *[1] * (x.dim() - 1))
     v_guided = v_uncond + w * (v[guided] - v_uncond)
     return v_guided if len(guided) == batch else v.index_copy(0, guided, v_guided)
 

@@ -22,7 +22,6 @@ reward model runs during training.
 import math
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -64,17 +63,17 @@ def reward_to_go(rewards, gamma):
     return advantages
 
 
-def opd_step_loss(objective, v_student, v_teacher, x, x_next, old_log_prob, advantage, sigmas, j, noise_level,
-                  weighting, clip_range):
-    """The student's loss at step j of trajectories x (M4), batch mean. Returns (loss, KL_j per sample,
-    policy ratio or None). E[grad loss] = grad KL_j for "pathwise" and "ppo" (with gamma = 0), and 0
-    for "paper-detached". The surrogate is scaled by D because log-probs are means over dims."""
-    kl = common.step_kl(v_student, v_teacher, sigmas[j], sigmas[j + 1], sigmas[1], noise_level, weighting)
+def opd_step_loss(objective, v_student, v_teacher, x, x_next, old_log_prob, advantage, sigma, sigma_next, sigma_1,
+                  noise_level, weighting, clip_range):
+    """The student's loss at the steps sigma -> sigma_next (floats, or one per sample) from states x (M4), batch
+    mean. Returns (loss, KL_j per sample, policy ratio or None). E[grad loss] = grad KL_j for "pathwise" and "ppo"
+    (with gamma = 0), and 0 for "paper-detached". The surrogate is scaled by D because log-probs are means over dims."""
+    kl = common.step_kl(v_student, v_teacher, sigma, sigma_next, sigma_1, noise_level, weighting)
     if objective == "pathwise":
         return kl.mean(), kl, None
     if objective == "paper-detached":
         advantage = -kl.detach()
-    _, log_prob, _, _ = common.sde_step(x, v_student, sigmas[j], sigmas[j + 1], sigmas[1], noise_level, x_next=x_next)
+    _, log_prob, _, _ = common.sde_step(x, v_student, sigma, sigma_next, sigma_1, noise_level, x_next=x_next)
     ratio = torch.exp(log_prob - old_log_prob)
     surrogate = torch.maximum(-advantage * ratio, -advantage * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
     return surrogate.mean() * x[0].numel(), kl, ratio
@@ -144,29 +143,38 @@ def parse_task_shares(text, tasks):
     return shares
 
 
+def step_passes(batch, idx, steps_per_pass):
+    """Passes over trajectories idx, each one batch of their (trajectory, step) pairs for up to --steps-per-pass steps
+    js (one pass per step gives the same loss). Yields (js, pairs, inputs): pairs(t) = t[idx][:, js], flattened."""
+    for first in range(0, len(batch["sigmas"]) - 1, steps_per_pass):
+        js = torch.arange(first, min(first + steps_per_pass, len(batch["sigmas"]) - 1))
+        pairs = lambda tensor, js=js: tensor[idx][:, js].flatten(0, 1)  # noqa: E731
+        each = {k: batch[k][idx].repeat_interleave(len(js), 0) for k in ("embeds", "pooled", "guidance")}
+        yield js, pairs, dict(x=pairs(batch["states"]), sigma=batch["sigmas"][js].repeat(len(idx)),
+                              embeds=each["embeds"], pooled=each["pooled"], guidance_scale=each["guidance"])
+
+
 @torch.no_grad()
 def guide_velocities(policy, batch, teacher_names, anchor_name, args):
-    """Routed-teacher and anchor velocities at every state of the student's trajectories: one
-    mixed-adapter call per step and chunk (the first half of its batch routed per sample, the second
-    half the anchor), in the student's training precision: the KL compares them with the student's
-    velocity, and bf16 guides against an fp32 student add a rounding floor to it (measured: epoch-1 KL to
-    the GenEval teacher 26.4 instead of 19.1, README). Returns (v_teacher, v_anchor or None), each shaped
-    like the states minus x_N."""
-    states, sigmas, n = batch["states"], batch["sigmas"], len(batch["states"])
-    with_anchor = args.mar_lambda > 0
+    """Routed-teacher and anchor velocities at every state of the student's trajectories: one mixed-adapter call
+    per step_passes pass (the first half of its batch routed per sample, the second half the anchor), in the
+    student's training precision: bf16 guides against an fp32 student add a rounding floor to the KL (measured:
+    epoch-1 KL to the GenEval teacher 26.4 instead of 19.1, README). Returns (v_teacher, v_anchor or None), each
+    shaped like the states minus x_N."""
+    states, n, with_anchor, copies = batch["states"], len(batch["states"]), args.mar_lambda > 0, 1 + (args.mar_lambda > 0)
     v_teacher, v_anchor = torch.zeros_like(states[:, :-1]), torch.zeros_like(states[:, :-1]) if with_anchor else None
     for start in range(0, n, args.local_batch_size):
-        idx = slice(start, start + args.local_batch_size)
-        names = teacher_names[idx] + ([anchor_name] * len(teacher_names[idx]) if with_anchor else [])
-        copies = 2 if with_anchor else 1
-        embeds, pooled = batch["embeds"][idx].repeat(copies, 1, 1), batch["pooled"][idx].repeat(copies, 1)
-        for j in range(len(sigmas) - 1):
+        idx = torch.arange(start, min(start + args.local_batch_size, n))
+        for js, _, inputs in step_passes(batch, idx, args.steps_per_pass):
+            names = [teacher_names[i] for i in idx.tolist() for _ in js]
+            names += [anchor_name] * len(names) if with_anchor else []
+            inputs = {k: t.repeat(copies, *[1] * (t.dim() - 1)) for k, t in inputs.items()}
             with common.autocast(states.device, args.train_bf16):
-                v = common.velocity(policy, states[idx, j].repeat(copies, 1, 1, 1), sigmas[j], embeds, pooled,
-                                    batch["guidance"][idx].repeat(copies), args.negative, adapter_names=names).float()
-            v_teacher[idx, j] = v[:len(names) // copies]
+                v = common.velocity(policy, **inputs, negative=args.negative, adapter_names=names).float()
+            v = v.unflatten(0, (copies, len(idx), len(js)))
+            v_teacher[idx[:, None], js] = v[0]
             if with_anchor:
-                v_anchor[idx, j] = v[len(names) // copies:]
+                v_anchor[idx[:, None], js] = v[1]
     return v_teacher, v_anchor
 
 
@@ -181,7 +189,8 @@ def sample_epoch(policy, bundle, picked, teachers, args, seed):
     guidance = torch.tensor([args.guidance[r] if isinstance(args.guidance, dict) else args.guidance for r in routes])
     sigmas = common.sampling_sigmas(bundle.scheduler, args.steps)
     batch = common.rollout_chunks(policy, embeds, pooled, bundle.latent_shape(bundle.resolution),
-                                  sigmas, training.shard([seed + i for i in range(len(picked))], args), args.local_batch_size,
+                                  sigmas, training.shard([seed + i for i in range(len(picked))], args),
+                                  args.local_batch_size * args.steps_per_pass,  # a training pass's memory
                                   args.noise_level, guidance, args.negative, None,
                                   args.train_bf16 if args.objective == "ppo" else args.sample_bf16,
                                   keep_velocities=True)  # the sampler's, for kl_to_sampler
@@ -212,7 +221,8 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
     units), and per pass the mean KL of the student, as it was updated, to the policy that sampled the
     trajectories ("kl_to_sampler": how far reusing them has drifted off-policy)."""
     states, sigmas, steps = batch["states"], batch["sigmas"], len(batch["sigmas"]) - 1
-    routes, tasks, device = np.array(batch["routes"]), sorted(batch["task_counts"]), states.device
+    tasks, device = sorted(batch["task_counts"]), states.device
+    task_of = torch.tensor([[r == t for t in tasks] for r in batch["routes"]], dtype=torch.float32, device=device)
     total = len(states) * args.world  # trajectories in the global batch
     stats = {"loss": 0.0, "kl_anchor": 0.0, "ratio_min": math.inf, "ratio_max": -math.inf, "updates": 0,
              **{f"kl_teacher_{t}": 0.0 for t in tasks}, "kl_to_sampler": []}
@@ -234,28 +244,24 @@ def train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args):
             optimizer.zero_grad(set_to_none=True)
             for start, end in update:
                 idx = torch.arange(start // args.world, end // args.world)
-                share = len(idx) / size / steps  # of the update's mean
-                task_of = torch.as_tensor(np.stack([routes[idx.numpy()] == t for t in tasks]), dtype=torch.float32,
-                                          device=device)
-                for j in range(steps):
-                    x, x_next = states[idx, j], states[idx, j + 1]
+                for js, pairs, inputs in step_passes(batch, idx, args.steps_per_pass):
+                    x, sigma, sigma_next = inputs["x"], inputs["sigma"], sigmas[js + 1].repeat(len(idx))
                     with common.autocast(x.device, args.train_bf16):
-                        v = common.velocity(policy, x, sigmas[j], batch["embeds"][idx], batch["pooled"][idx],
-                                            batch["guidance"][idx], args.negative)
-                    loss, kl, ratio = opd_step_loss(args.objective, v, v_teacher[idx, j], x, x_next,
-                                                    batch["log_probs"][idx, j],
-                                                    None if advantages is None else advantages[idx, j], sigmas, j,
-                                                    args.noise_level, args.kl_weighting, args.clip_range)
-                    kl_anchor = torch.zeros(len(idx), device=device)
+                        v = common.velocity(policy, **inputs, negative=args.negative)
+                    loss, kl, ratio = opd_step_loss(args.objective, v, pairs(v_teacher), x, pairs(states[:, 1:]),
+                                                    pairs(batch["log_probs"]), None if advantages is None else
+                                                    pairs(advantages), sigma, sigma_next, sigmas[1], args.noise_level,
+                                                    args.kl_weighting, args.clip_range)
+                    kl_anchor = torch.zeros(len(x), device=device)
                     if v_anchor is not None:
-                        kl_anchor = common.step_kl(v, v_anchor[idx, j], sigmas[j], sigmas[j + 1], sigmas[1],
+                        kl_anchor = common.step_kl(v, pairs(v_anchor), sigma, sigma_next, sigmas[1],
                                                    args.noise_level, args.mar_kl_weighting or args.kl_weighting)
                         loss = loss + args.mar_lambda * kl_anchor.mean()
-                    (loss * share).backward()
-                    sums += torch.cat([torch.stack([loss.detach() * len(idx), kl_anchor.detach().sum()]),
-                                       task_of @ kl.detach()]) / steps
-                    drift += common.step_kl(v.detach(), batch["velocities"][idx, j], sigmas[j], sigmas[j + 1], sigmas[1],
-                                            args.noise_level, args.kl_weighting).sum() / steps
+                    (loss * len(x) / size / steps).backward()  # the pairs' share of the update's mean
+                    sums += torch.cat([torch.stack([loss.detach() * len(x), kl_anchor.detach().sum()]),
+                                       task_of[idx].repeat_interleave(len(js), 0).T @ kl.detach()]) / steps
+                    drift += common.step_kl(v.detach(), pairs(batch["velocities"]), sigma, sigma_next,
+                                            sigmas[1], args.noise_level, args.kl_weighting).sum() / steps
                     if ratio is not None:
                         ratio_min = torch.minimum(ratio_min, ratio.detach().min())
                         ratio_max = torch.maximum(ratio_max, ratio.detach().max())
@@ -319,6 +325,9 @@ def parse_args(argv=None):
     p.add_argument("--updates-per-epoch", type=training.positive_int, default=None,
                    help="optimizer updates per pass over an epoch's trajectories, each the mean over an equal share of "
                         "them (default: one per --train-batch-size chunk)")
+    p.add_argument("--steps-per-pass", type=training.positive_int, default=1,
+                   help="denoising steps of each trajectory in one forward pass (memory x this; the same loss): 1 as "
+                        "flow_grpo; the miniature pipeline runs all 10 in one: 1.4x faster there, docs/speed.md")
     p.add_argument("--inner-epochs", type=training.positive_int, default=1,
                    help="passes over each epoch's trajectories: the states are fixed and the guides' velocities cached, "
                         "so later passes cost only the student's passes; the log's kl_to_sampler shows the drift")

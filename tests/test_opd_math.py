@@ -58,8 +58,8 @@ def estimator_gradient(objective, states, log_probs, weighting, gamma=0.0, steps
     for j in steps:
         x = states[:, j]
         loss, _, _ = stage3.opd_step_loss(objective, student(theta, x), teacher(x), x, states[:, j + 1], log_probs[:, j],
-                                          None if advantages is None else advantages[:, j], SIGMAS, j, NOISE,
-                                          weighting, clip_range=0.2)
+                                          None if advantages is None else advantages[:, j], SIGMAS[j], SIGMAS[j + 1],
+                                          SIGMAS[1], NOISE, weighting, clip_range=0.2)
         total = total + loss
     total.backward()
     return theta.grad

@@ -1,5 +1,6 @@
 """Stage 2 (M6 merges, SFT) and Stage 3 (routing, mixed-adapter teachers, gradients, resume, bad input)
 on a randomly initialised miniature model."""
+import dataclasses
 import json
 import os
 import random
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import eval as evaluation
 import stage2_coldstart as stage2
 import stage3_opd as stage3
 import training
@@ -190,7 +192,7 @@ def setup_policy(model_dir, adapters, anchor, bf16=False):
                                  train_bf16=bf16, sample_bf16=bf16, rank=0, world=1, local_batch_size=4, steps=3,
                                  noise_level=0.7, resolution=None, objective="pathwise",
                                  kl_weighting="paper", mar_kl_weighting=None, clip_range=1e-3, gamma=0.0, max_grad_norm=1.0,
-                                 updates_per_epoch=None, inner_epochs=1, ema=0.9)
+                                 updates_per_epoch=None, inner_epochs=1, ema=0.9, steps_per_pass=1)
     return bundle, policy, teacher_of, anchor_name, args
 
 
@@ -247,13 +249,16 @@ def test_only_the_student_learns_and_the_first_ppo_ratio_is_one(tiny_model_dir, 
     assert all(p.grad is None for n, p in policy.named_parameters() if ".student." not in n)
 
 
-def test_gradient_accumulation_gives_the_update_of_one_big_batch(tiny_model_dir, adapters):
-    """One update over 8 trajectories: one backward chunk of 8, or four chunks of 2 accumulated."""
-    after = []
-    for chunk in (8, 2):
+def test_gradient_accumulation_and_steps_per_pass_give_the_update_of_one_big_batch(tiny_model_dir, adapters):
+    """One update over 8 trajectories of 3 steps: one backward chunk of 8 trajectories one step at a time, four
+    chunks of 2 accumulated, or several steps of each trajectory in one pass (--steps-per-pass): the same
+    guides, statistics and update."""
+    after, guides, logged = [], [], []
+    for chunk, steps_per_pass in ((8, 1), (2, 1), (2, 3), (8, 2)):
         torch.manual_seed(0)
         bundle, policy, teacher_of, anchor_name, args = setup_policy(tiny_model_dir, adapters, adapters["quality"])
         args.train_batch_size, args.local_batch_size, args.updates_per_epoch = chunk, chunk, 1
+        args.steps_per_pass, args.guidance = steps_per_pass, {"geneval": 1.0, "ocr": 4.5}
         with torch.no_grad():
             for n, p in policy.named_parameters():
                 if ".student.lora_B" in n:
@@ -262,13 +267,41 @@ def test_gradient_accumulation_gives_the_update_of_one_big_batch(tiny_model_dir,
         batch = stage3.sample_epoch(policy, bundle, picked, {"geneval": 1, "ocr": 1}, args, seed=0)
         v_teacher, v_anchor = stage3.guide_velocities(policy, batch, [teacher_of[r] for r in batch["routes"]],
                                                       anchor_name, args)
+        guides.append((batch["states"], v_teacher, v_anchor))
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
         stats = stage3.train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args)
         assert stats["updates"] == 1
+        logged.append([stats[k] for k in ("loss", "kl_anchor", "kl_teacher_geneval", "kl_teacher_ocr")])
         after.append({n: p.detach().clone() for n, p in policy.named_parameters() if ".student." in n})
-    moved = max((after[0][n] - after[1][n]).abs().max().item() for n in after[0])
-    assert moved < 1e-5, moved  # float tolerance (chunked sums round differently)
+    for states, v_teacher, v_anchor in guides[1:]:  # float tolerance: chunked sums and batches round differently
+        torch.testing.assert_close(states, guides[0][0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(v_teacher, guides[0][1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(v_anchor, guides[0][2], atol=1e-4, rtol=1e-4)
+    for stats in logged[1:]:
+        assert stats == pytest.approx(logged[0], rel=1e-4)
+    for other in after[1:]:  # under 1 % of Adam's first step (lr 1e-2 per weight)
+        moved = max((after[0][n] - other[n]).abs().max().item() for n in after[0])
+        assert moved < 1e-4, moved
     assert any(not torch.equal(after[0][n], after[1][n]) or after[0][n].abs().sum() > 0 for n in after[0])
+
+
+def test_merged_sampling_matches_the_adapter_and_restores_the_base_bit_for_bit(tiny_model_dir, adapters):
+    """eval.adapter_for_sampling: the adapter merged into the fp32 base for the block samples what the LoRA
+    branch samples (within one level of 255), and the base weights are restored exactly."""
+    bundle = training.load_model(tiny_model_dir)
+    model = evaluation.load_adapters(bundle.transformer, [("a", adapters["geneval"]), ("b", adapters["ocr"])])
+    sampler = dataclasses.replace(bundle, transformer=model)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prompts = ["a red circle", 'a sign that says "AB"'] * 3
+
+    def images(context, name):
+        with context(model, name):
+            return evaluation.sample_images(sampler, prompts, list(range(len(prompts))), 4, 4.5, bf16=False).int()
+    for name in ("a", "b", None):
+        merged, unmerged = images(evaluation.adapter_for_sampling, name), images(common.use_adapter, name)
+        assert (merged - unmerged).abs().max() <= 1 and (merged != unmerged).float().mean() < 0.01
+        assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+    assert not torch.equal(images(common.use_adapter, "a"), images(common.use_adapter, "b"))
 
 
 @pytest.mark.parametrize("mar_kl_weighting", [None, "paper"])

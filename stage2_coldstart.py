@@ -159,7 +159,7 @@ def search(args):
     model = evaluation.load_adapters(bundle.transformer, list(teachers.items()))
 
     def scores(adapter):
-        with common.use_adapter(model, adapter):
+        with evaluation.adapter_for_sampling(model, adapter):
             result, _ = evaluation.evaluate(dataclasses.replace(bundle, transformer=model), items, steps, guidance,
                                             args.seed, score, names, args.eval_bf16)
         return result
@@ -205,7 +205,7 @@ def teacher_samples(bundle, model, teachers, items_by_task, per_task, steps, gui
         picked = [items[i][0] for i in random.Random(seed).sample(range(len(items)), min(per_task, len(items)))]
         training.check_divisible(args, samples_per_task=len(picked))
         mine, task_latents = training.shard(list(enumerate(picked)), args), []
-        with common.use_adapter(model, task):
+        with evaluation.adapter_for_sampling(model, task):
             for start in tqdm(range(0, len(mine), batch_size), desc=f"sampling {task} teacher", disable=args.rank > 0):
                 part = mine[start:start + batch_size]
                 embeds, pooled = bundle.encode([p for _, p in part])

@@ -365,8 +365,7 @@ def main(argv=None):
             items = [it for it in train_items if common.route(it[0], it[1], {"geneval", "ocr"}) == task] or train_items
         if args.objective == "nft":  # DiffusionNFT samples with "old", held fixed through the epoch's updates
             training.update_ema(policy, old_decay(epoch, args.nft_old_decay, args.nft_old_ramp), "old")
-        # NFT's "old" sampler merged into the base (faster); GRPO's rollout must be the policy its update recomputes
-        with evaluation.adapter_for_sampling(policy, "old") if args.objective == "nft" else common.use_adapter(policy, "student"):
+        with common.use_adapter(policy, "old" if args.objective == "nft" else "student"):
             batch = sample_epoch(policy, bundle, items, epoch_rewards, args, rng, seed=args.seed * 100003 + epoch * 1009)
         reward, advantages, informative = advantages_of(batch, epoch_rewards, args.mix)
         train = train_nft_epoch if args.objective == "nft" else train_on_epoch

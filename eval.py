@@ -116,7 +116,7 @@ def adapter_for_sampling(peft_model, name):
     of 255 of the unmerged ones, docs/speed.md), then the base weights restored bit for bit. bf16 base weights
     are not merged: Delta W would be rounded to bf16."""
     with common.use_adapter(peft_model, name):
-        base = {n: p for n, p in peft_model.named_parameters() if "lora_" not in n}
+        base = {n: p for n, p in peft_model.named_parameters() if n.endswith("base_layer.weight")}  # what merging writes
         if name is None or any(p.dtype != torch.float32 for p in base.values()):
             yield peft_model
             return

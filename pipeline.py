@@ -251,7 +251,8 @@ def main(argv=None):
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table_markdown(table))
     with open(os.path.join(out, "commands.sh"), "w") as f:
-        f.write(f"# produced by: python pipeline.py{' --quick' if args.quick else ''} (every seed is 0)\n")
+        f.write(f"# produced by: python pipeline.py{' --quick' * args.quick}{' --ablations' * args.ablations} "
+                f"(every seed is 0)\n")
         f.writelines(f"{commands[n]}\n" for n, _, _ in plan(runs, budget, args.model, dataset, args.ablations))
         f.write(f"python eval.py {' '.join(eval_argv)}\n")
     with open(os.path.join(out, "minutes.json"), "w") as f:  # a from-scratch run's time, also when steps were cached

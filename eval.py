@@ -62,7 +62,7 @@ def evaluate(bundle, items, num_steps, guidance_scale, seed=0, scorer=None, name
     "geneval/<tag>"...} means, and the images. Seeds are seed + index, so every model sees the same noise.
     `scorer`: a function with score()'s signature (default toy_world.score; rewards.make_scorer for real models).
     fp32 by default, as eval.py: the same weights then score the same on every CPU (bf16 rounding moved
-    a row's GenEval by up to 0.04, README)."""
+    a row's GenEval by up to 0.04, docs/speed.md)."""
     prompts, metas = [p for p, _ in items], [m for _, m in items]
     images = sample_images(bundle, prompts, [seed + i for i in range(len(prompts))], num_steps, guidance_scale, bf16=bf16)
     return summarize((scorer or score)(images, prompts, metas, names=names), metas), images

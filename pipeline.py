@@ -1,11 +1,12 @@
 """The whole Flow-OPD method in the miniature world, one command, and the paper's table.
 
-    python pipeline.py            # the full run (see README for its measured time) -> results/
+    python pipeline.py            # the full run (README: its measured time) -> results/
     python pipeline.py --quick    # the same steps with tiny budgets, a smoke test -> results-quick/
 
 Steps, each cached (a finished step is skipped, an interrupted one resumes from its checkpoint):
   1. the prompt files                         toy.py prompts
-  2. teachers: geneval                        stage1_grpo.py --reward geneval --objective nft (GRPO is too slow here: README)
+  2. teachers: geneval                        stage1_grpo.py --reward geneval --objective nft (GRPO is too slow
+                                              here: docs/experiments.md, Stage 1)
      ocr: a render specialist                 toy.py specialist (no reward-trained OCR teacher moves here)
      and the quality anchor                   stage1_grpo.py --reward quality
   3. the mixed-reward baselines                stage1_grpo.py --reward geneval=0.5,ocr=0.5: GRPO (grpo-mix)
@@ -42,10 +43,10 @@ import training
 # The published EMAs are per optimizer update (bias-corrected, training.ema_decay): 0.95 over GRPO's 4 updates per
 # epoch and 0.9 over NFT's 8 stand where the per-epoch 0.8 and 0.5 of results/'s run stood (0.8^(1/4), 0.5^(1/8))
 GRPO = ["--sde-window", "2", "--lr", "1e-3", "--train-batch-size", "16", "--clip-range", "1e-3", "--ema", "0.95"]
-# The GenEval teacher (README, Stage 1): DiffusionNFT with its ramped soft update of the sampling policy, the recipe
-# that gained most over three seeds at 50 epochs (+0.136, +0.178, +0.136) without diverging. Trained 30, not 50: the
-# last 20 bought no GenEval (0.419 -> 0.422) and cost 0.05 quality and 0.15 OCR, which its student copied
-# (docs/experiments.md)
+# The GenEval teacher (docs/experiments.md, Stage 1): DiffusionNFT with its ramped soft update of the sampling policy,
+# the recipe that gained most over three seeds at 50 epochs (+0.136, +0.178, +0.136) without diverging. Trained 30,
+# not 50: the last 20 bought no GenEval (0.419 -> 0.422) and cost 0.05 quality and 0.15 OCR, which its student
+# copied (docs/experiments.md)
 NFT = ["--objective", "nft", "--lr", "3e-3", "--nft-times", "2", "--ema", "0.9", "--nft-old-decay", "0.5",
        "--nft-old-ramp", "20", "--train-precision", "bf16" if common.bf16_is_fast() else "fp32"]  # bf16 where native
 FULL = {"geneval": [*NFT, "--prompts-per-epoch", "32", "--train-batch-size", "64", "--steps", "6", "--epochs", "30"],
@@ -90,7 +91,7 @@ ABLATIONS = ("coldstart-sft", "opd-sft", "opd-no-coldstart", "opd-ppo", "opd-sch
 
 def plan(runs, budget, model, dataset, ablations=True):
     """[(row name, script, argv)] in dependency order; each run writes runs/<name>/adapter. Stage 1 GRPO
-    does not move GenEval or OCR in minutes (README, "Stage 1 in the miniature world"), so the GenEval
+    does not move GenEval or OCR in minutes (docs/experiments.md, "Stage 1 in the miniature world"), so the GenEval
     teacher is Stage 1 with DiffusionNFT's objective on the same rewards, and the OCR teacher, which no
     reward-trained run moved, a render specialist (toy.py specialist); quality and GRPO-Mix are Stage 1 GRPO runs."""
     def out(name):

@@ -6,13 +6,14 @@ r"""Stage 1: single-reward GRPO teachers (Flow-GRPO, METHOD.md M1-M2) and the GR
     python stage1_grpo.py --reward geneval=0.5,ocr=0.5 --mix sum --out runs/grpo-mix
     python stage1_grpo.py --reward geneval --objective nft --prompts-per-epoch 32 --train-batch-size 64 \
         --nft-times 2 --lr 3e-3 --ema 0.5 --nft-old-decay 0.5 --nft-old-ramp 20 --steps 6 --epochs 50 \
-        --out runs/nft-geneval    # DiffusionNFT, not GRPO: GenEval +0.136, +0.178, +0.136 over 3 seeds (README)
+        --out runs/nft-geneval    # DiffusionNFT, not GRPO: GenEval +0.136, +0.178, +0.136 over 3 seeds
 
 Each epoch: M prompts x G SDE rollouts of the LoRA policy (M1), one reward per image, advantages with a
 per-prompt mean and a global std, then a PPO-clip update on every step but the last with a KL to the base
 model (the adapter disabled); or, with --objective nft, DiffusionNFT's flow-matching loss on the epoch's
-images weighted by the same advantages (README). Defaults train a miniature teacher in minutes on a 2-core
-CPU; the paper's SD3.5-M settings are given next to each flag.
+images weighted by the same advantages (docs/experiments.md, Stage 1: why GRPO makes no teacher in the
+miniature world, and the NFT recipe above). Defaults train a miniature teacher in minutes on a 2-core CPU;
+the paper's SD3.5-M settings are given next to each flag.
 """
 import math
 import os

@@ -159,7 +159,7 @@ def guide_velocities(policy, batch, teacher_names, anchor_name, args):
     """Routed-teacher and anchor velocities at every state of the student's trajectories: one mixed-adapter call
     per step_passes pass (the first half of its batch routed per sample, the second half the anchor), in the
     student's training precision: bf16 guides against an fp32 student add a rounding floor to the KL (measured:
-    epoch-1 KL to the GenEval teacher 26.4 instead of 19.1, README). Returns (v_teacher, v_anchor or None), each
+    epoch-1 KL to the GenEval teacher 26.4 instead of 19.1, docs/speed.md). Returns (v_teacher, v_anchor or None), each
     shaped like the states minus x_N."""
     states, n, with_anchor, copies = batch["states"], len(batch["states"]), args.mar_lambda > 0, 1 + (args.mar_lambda > 0)
     v_teacher, v_anchor = torch.zeros_like(states[:, :-1]), torch.zeros_like(states[:, :-1]) if with_anchor else None

@@ -171,7 +171,7 @@ Deterministic ODE, {args.eval_steps} steps, CFG {args.guidance}, seeds 0..159 (`
 def specialist(args):
     """A task specialist of the miniature world: a LoRA fitted with the rectified-flow loss to fresh
     renders of one task's training prompts ("all": both tasks, the multi-task baseline). It stands in
-    for a GRPO teacher where GRPO needs far more samples than minutes give (README, Stage 1)."""
+    for a GRPO teacher where GRPO needs far more samples than minutes give (docs/experiments.md, Stage 1)."""
     import torch
     from tqdm import tqdm
     torch.manual_seed(args.seed)

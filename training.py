@@ -44,8 +44,8 @@ def add_model_arguments(p):
                    help="comma-separated LoRA modules of a new adapter (default: the model's; SD3: Flow-GRPO's 8)")
     p.add_argument("--train-precision", choices=["bf16", "fp32"], default=None,
                    help='passes with gradients: bf16 autocast or fp32 (default: bf16 with bf16 weights; fp32 with '
-                        'fp32 weights: bf16 autocast was 1.5x slower on one CPU, 1.07x faster on another, README '
-                        '"Speed")')
+                        'fp32 weights: bf16 autocast was 1.5x slower on one CPU, 1.07x faster on another, '
+                        'docs/speed.md)')
     p.add_argument("--sample-precision", choices=["bf16", "fp32"], default=None,
                    help="no-grad passes: rollouts, SFT samples (Stage 3's teacher/anchor velocities follow "
                         "--train-precision); default bf16 on bf16 weights or where it is fast (common.bf16_is_fast), "

@@ -1,4 +1,5 @@
-"""Gradient signal-to-noise of Stage 1 GRPO in the miniature world (README, "Stage 1 in the miniature world").
+"""Gradient signal-to-noise of Stage 1 GRPO in the miniature world
+(docs/experiments.md, "Stage 1 in the miniature world").
 
 Cosine similarity between the policy gradients of independent epochs (M=16 prompts x G=8, SDE window 2,
 beta 0) at the start of training. Usage: python miniature/studies/grpo_snr.py REWARD WINDOW M

@@ -1,4 +1,5 @@
-"""Signal to noise of Stage 1 GRPO gradients, one gradient per prompt group (README, "Stage 1 in the miniature world").
+"""Signal to noise of Stage 1 GRPO gradients, one gradient per prompt group
+(docs/experiments.md, "Stage 1 in the miniature world").
 
 At the LoRA's start, M groups of G=8 rollouts (beta 0, fp32); per group g_k, the unbiased estimate of
 |E g|^2 is (|sum g_k|^2 - sum |g_k|^2) / (M (M-1)); the noise is E|g|^2 minus it. Their ratio is the

@@ -24,6 +24,7 @@ against the trajectories each method sampled, teachers as lines), OUT/adapters/<
 OUT/commands.sh.
 """
 import json
+import math
 import os
 import shutil
 import time
@@ -165,6 +166,55 @@ def run_step(name, script, argv, runs):
     return command, minutes
 
 
+def line_chart(series, title, x_label, levels, size=(640, 420)):
+    """A PIL line chart (no plotting dependency) of {label: [(x, y), ...]}, dashed grey lines at `levels`
+    {label: y}. The x axis is logarithmic past its first step, log(1 + x / x_min) with x_min the smallest x > 0,
+    so that a run of 512 trajectories and one of 7680 both show their shape; its ticks are the true counts."""
+    from PIL import ImageDraw, ImageFont
+    colors, grey = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)], (110, 110, 110)
+    font = ImageFont.load_default(size=13)
+    points = [xy for line in series.values() for xy in line]
+    x_min = min([x for x, _ in points if x > 0] or [1])
+    scale = lambda x: math.log1p(x / x_min)  # noqa: E731
+    ys = [y for _, y in points] + list(levels.values())
+    pad = (max(ys) - min(ys)) * 0.06 or 1e-3
+    x_max = max(x for x, _ in points)
+    (x0, x1), (y0, y1) = (0, 1.04 * scale(x_max) or 1), (min(ys) - pad, max(ys) + pad)
+    left, top, right, bottom = 58, 44, size[0] - 16, size[1] - 46
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+
+    def at(x, y):
+        return left + (scale(x) - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top)
+    draw.rectangle([left, top, right, bottom], outline="black")
+    for k in range(5):
+        y = y0 + pad + (y1 - y0 - 2 * pad) * k / 4
+        draw.text((left - 6, at(0, y)[1]), f"{y:.3f}", fill="black", font=font, anchor="rm")
+    ticks = [0] + [x_min * 4 ** k for k in range(20) if x_min * 4 ** k < x_max / 1.5] + [x_max]
+    for x in ticks:
+        px = at(x, y0)[0]
+        draw.line([(px, bottom), (px, bottom + 4)], fill="black")
+        draw.text((px, bottom + 6), f"{x:g}", fill="black", font=font, anchor="ma")
+    draw.text(((left + right) / 2, size[1] - 6), x_label, fill="black", font=font, anchor="md")
+    draw.text((left, 8), title, fill="black", font=font)
+    for label, y in levels.items():
+        py = at(0, y)[1]
+        for px in range(int(left), int(right), 12):
+            draw.line([(px, py), (min(px + 6, right), py)], fill=grey, width=1)
+        draw.text((right - 4, py - 2), label, fill=grey, font=font, anchor="rd")
+    legend_x = left
+    for i, (label, line) in enumerate(series.items()):
+        color = colors[i % len(colors)]
+        xy = [at(x, y) for x, y in sorted(line)]
+        if len(xy) > 1:
+            draw.line(xy, fill=color, width=2)
+        for px, py in xy:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+        draw.text((legend_x, 26), label, fill=color, font=font)
+        legend_x += draw.textlength(label, font=font) + 18
+    return image
+
+
 def curve_png(runs, table, path):
     """Each task's test score against the trajectories each method sampled, GRPO-Mix, NFT-Mix and Flow-OPD side
     by side, each teacher's score as a dashed line: the start's row (base / the merge cold start), the run's
@@ -177,9 +227,9 @@ def curve_png(runs, table, path):
         series = {label: [(0, rows[start][column]), *((r["trajectories"], r["eval"][column]) for r in logs[name]
                                                       if "eval" in r), (logs[name][-1]["trajectories"], rows[name][column])]
                   for name, start, label in CURVES}
-        charts.append(training.line_chart(series, None, "trajectories sampled by the method (OPD: the student's own)",
-                                          f"test {column}", levels={f"{task} teacher": rows[f"teacher-{task}"][column],
-                                                                    "base": rows["base"][column]}))
+        charts.append(line_chart(series, f"test {column}: the table's rows at the ends, one seed per prompt between",
+                                 "trajectories sampled by the method (OPD: the student's own; log scale)",
+                                 {f"{task} teacher": rows[f"teacher-{task}"][column], "base": rows["base"][column]}))
     width, height = charts[0].size
     picture = Image.new("RGB", (width * len(charts), height), "white")
     for i, chart in enumerate(charts):

@@ -1,6 +1,6 @@
 """Training plumbing shared by the stages, eval.py and toy.py: the model flags and loader for both
 worlds, command-line checks, the student and its EMA, checkpoints and the epoch bookkeeping, several
-processes (torchrun), and pictures (grids, line charts). The method itself is in common.py.
+processes (torchrun), and image grids. The method itself is in common.py.
 """
 import argparse
 import atexit
@@ -553,48 +553,3 @@ def image_grid(images, columns=8):
         r, c = divmod(i, columns)
         grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = image
     return Image.fromarray(grid)
-
-
-def line_chart(series, path, x_label, y_label, size=(640, 400), levels=None):
-    """A line chart of {label: [(x, y), ...]} with PIL alone (no plotting dependency), with dashed grey
-    horizontal lines at `levels` {label: y} (e.g. each teacher's score). Saved as a PNG at `path`, or
-    returned as a PIL image when `path` is None."""
-    from PIL import ImageDraw
-    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
-    levels = levels or {}
-    points = [xy for line in series.values() for xy in line]
-    if not points:
-        raise ValueError(f"nothing to plot for {path!r}: every series is empty")
-    (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*points)]
-    y0, y1 = min([y0, *levels.values()]), max([y1, *levels.values()])
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-3)
-    left, top, right, bottom = 60, 20, size[0] - 20, size[1] - 50
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-
-    def at(x, y):
-        return left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top)
-    draw.rectangle([left, top, right, bottom], outline="black")
-    for k in range(5):
-        y = y0 + (y1 - y0) * k / 4
-        draw.text((5, at(x0, y)[1] - 6), f"{y:.3f}", fill="black")
-        x = x0 + (x1 - x0) * k / 4
-        draw.text((at(x, y0)[0] - 10, bottom + 5), f"{x:g}", fill="black")
-    draw.text((left, size[1] - 22), x_label, fill="black")
-    draw.text((left + 5, top + 2), y_label, fill="black")
-    for i, (label, line) in enumerate(series.items()):
-        color = colors[i % len(colors)]
-        xy = [at(x, y) for x, y in sorted(line)]
-        if len(xy) > 1:
-            draw.line(xy, fill=color, width=2)
-        for px, py in xy:
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-        draw.text((right - 170, top + 8 + 14 * i), label, fill=color)
-    for label, y in levels.items():
-        py = at(x0, y)[1]
-        for px in range(int(left), int(right), 12):
-            draw.line([(px, py), (min(px + 6, right), py)], fill=(110, 110, 110), width=1)
-        draw.text((left + 5, py - 13), label, fill=(110, 110, 110))
-    if path is None:
-        return image
-    image.save(path)

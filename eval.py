@@ -182,6 +182,30 @@ def markdown_table(rows, columns, extra=()):
     return head + "".join(f"| {r['model']} | " + " | ".join(cell(r, c) for c in shown) + " |\n" for r in rows)
 
 
+def label_grid(grid, column_names, row_names, font_size=12):
+    """The grid of training.image_grid (one row per prompt, one column per model) with each column's name
+    written upwards above it and each row's prompt at its left, so the picture reads without the table."""
+    from PIL import Image, ImageDraw, ImageFont
+    font = ImageFont.load_default(size=font_size)
+    cell_w, cell_h = grid.width / len(column_names), grid.height / len(row_names)
+    measure = ImageDraw.Draw(grid)
+    header = int(max(measure.textlength(n, font=font) for n in column_names)) + 10
+    left = min(int(max(measure.textlength(p, font=font) for p in row_names)) + 10, 260)
+    picture = Image.new("RGB", (left + grid.width, header + grid.height), "white")
+    picture.paste(grid, (left, header))
+    names = Image.new("RGB", (header, grid.width), "white")  # drawn across, then turned to read upwards
+    draw = ImageDraw.Draw(names)
+    for i, name in enumerate(column_names):
+        draw.text((header - 5, (i + 0.5) * cell_w), name, fill="black", font=font, anchor="rm")
+    picture.paste(names.transpose(Image.Transpose.ROTATE_90), (left, 0))
+    draw = ImageDraw.Draw(picture)
+    for i, prompt in enumerate(row_names):
+        while draw.textlength(prompt, font=font) > left - 10:
+            prompt = prompt[:-2] + "…"
+        draw.text((left - 5, header + (i + 0.5) * cell_h), prompt, fill="black", font=font, anchor="rm")
+    return picture
+
+
 def main(argv=None):
     p = training.parser(__doc__)
     training.add_model_arguments(p)  # --model, --device, --model-dtype, --resolution (others unused here)
@@ -223,7 +247,7 @@ def main(argv=None):
     for name, path in runs:
         with adapter_for_sampling(model, None if path is None else name) if adapters else torch.no_grad():
             images = sample_images(dataclasses.replace(bundle, transformer=model), prompts,
-                                       [args.seed + i for i in range(len(prompts))], steps, guidance,
+                                   [args.seed + i for i in range(len(prompts))], steps, guidance,
                                    batch_size=args.batch_size, bf16=args.eval_bf16)
         rows.append({"model": name, "adapter": path, "steps": steps, "guidance_scale": guidance, "seed": args.seed,
                      "samples_per_prompt": args.samples_per_prompt,
@@ -237,7 +261,8 @@ def main(argv=None):
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(markdown_table(rows, columns, extra) + note)
     grid = torch.stack(shown_images, 1).flatten(0, 1)  # row = prompt, column = model
-    training.image_grid(grid, len(runs)).save(os.path.join(args.out, "grid.png"))
+    label_grid(training.image_grid(grid, len(runs)), [n for n, _ in runs],
+               [items[i][0] for i in shown]).save(os.path.join(args.out, "grid.png"))
     print(markdown_table(rows, columns, extra) + note)
     print(f"wrote {args.out}/eval.json, table.md and grid.png (columns: {', '.join(n for n, _ in runs)})")
 

@@ -23,3 +23,18 @@ def test_rows_and_the_table_carry_the_errors():
     assert row["average"] == pytest.approx((0.75 + 0.5) / 2) and np.isnan(row["average_se"])  # one OCR prompt
     line = evaluation.markdown_table([row], ["geneval_acc", "ocr"]).splitlines()[-1]
     assert line.startswith("| m | 0.750 ± 0.250 | 0.500 |")
+
+
+def test_the_grid_keeps_every_sample_pixel_and_gains_labels():
+    from PIL import Image
+    import torch
+    import training
+    images = torch.randint(0, 256, (2 * 3, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    grid = training.image_grid(images, 3)  # 2 prompts x 3 models
+    labelled = evaluation.label_grid(grid, ["base", "teacher-geneval", "opd-merge"], ["a photo of a circle", "x"])
+    left, top = labelled.width - grid.width, labelled.height - grid.height
+    assert left > 0 and top > 0  # room for the prompts and the (upright) model names
+    assert np.array_equal(np.asarray(labelled.crop((left, top, labelled.width, labelled.height))), np.asarray(grid))
+    margin = np.asarray(labelled.convert("L").crop((0, 0, left, labelled.height)))
+    assert (margin < 128).any()  # the prompts are written
+    assert isinstance(labelled, Image.Image)

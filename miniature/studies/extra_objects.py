@@ -7,8 +7,8 @@ test images (eval.py's sampler and seeds: 20 ODE steps, CFG 4.5, fp32, the merge
 detector's objects in each. Reports per row: GenEval strict (the table's number, a check), the mean number of
 objects detected against the number asked, the share of images with more objects than asked, and a stricter
 "clean" accuracy: strict AND no object beyond those asked. Usage (after `python pipeline.py`):
-    python miniature/studies/extra_objects.py NAME=PEFT_FOLDER,... [SEEDS]
-Writes extra_objects.txt beside this file.
+    python miniature/studies/extra_objects.py NAME=PEFT_FOLDER,... [SEEDS] [CFG]
+Writes extra_objects.txt beside this file (extra_objects-cfgCFG.txt with a CFG other than the table's 4.5).
 """
 import dataclasses, os, sys
 import numpy as np
@@ -17,6 +17,7 @@ import common, eval as evaluation, training, toy_world
 
 rows = [("base", None)] + evaluation.parse_adapters(sys.argv[1])
 seeds = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+guidance = float(sys.argv[3]) if len(sys.argv) > 3 else None
 here = os.path.dirname(os.path.abspath(__file__))
 table = common.load_prompt_files("dataset/geneval/test_metadata.jsonl,dataset/ocr/test.txt") * seeds  # eval.py's list
 kept = [i for i, (_, m) in enumerate(table) if m]  # its GenEval items, with their seeds in the table
@@ -24,15 +25,16 @@ prompts, metas = [table[i][0] for i in kept], [table[i][1] for i in kept]
 asked = np.array([sum(c["count"] for c in m["include"]) for m in metas])
 tags = sorted({m["tag"] for m in metas})
 bundle = training.load_model("miniature/base")
+guidance = bundle.defaults["guidance_scale"] if guidance is None else guidance
 model = evaluation.load_adapters(bundle.transformer, rows[1:])
 lines = [f"{len(prompts)} GenEval test images per row ({seeds} seeds per prompt); objects asked per image: "
-         f"{asked.mean():.2f} on average",
+         f"{asked.mean():.2f} on average; CFG {guidance:g}",
          "row | GenEval strict | clean (strict, nothing extra) | objects found | images with extras | "
          + " | ".join(f"objects {t}" for t in tags)]
 for name, path in rows:
     with evaluation.adapter_for_sampling(model, None if path is None else name):
         images = evaluation.sample_images(dataclasses.replace(bundle, transformer=model), prompts, kept,
-                                          bundle.defaults["eval_steps"], bundle.defaults["guidance_scale"], bf16=False)
+                                          bundle.defaults["eval_steps"], guidance, bf16=False)
     strict = toy_world.score(images, prompts, metas, names=("geneval",))["geneval_acc"]
     found = np.array([len(toy_world.detect_objects(image)) for image in toy_world.to_uint8(images)])
     clean = strict * (found <= asked)
@@ -40,5 +42,6 @@ for name, path in rows:
     lines.append(f"{name} | {strict.mean():.3f} | {clean.mean():.3f} | {found.mean():.2f} | {(found > asked).mean():.2f} | "
                  + " | ".join(f"{n:.2f}" for n in per_tag))
     print(lines[-1], flush=True)
-open(os.path.join(here, "extra_objects.txt"), "w").write("\n".join(lines) + "\n")
+suffix = "" if guidance == bundle.defaults["guidance_scale"] else f"-cfg{guidance:g}"
+open(os.path.join(here, f"extra_objects{suffix}.txt"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))

@@ -188,9 +188,8 @@ def label_grid(grid, column_names, row_names, font_size=12):
     from PIL import Image, ImageDraw, ImageFont
     font = ImageFont.load_default(size=font_size)
     cell_w, cell_h = grid.width / len(column_names), grid.height / len(row_names)
-    measure = ImageDraw.Draw(grid)
-    header = int(max(measure.textlength(n, font=font) for n in column_names)) + 10
-    left = min(int(max(measure.textlength(p, font=font) for p in row_names)) + 10, 260)
+    header = int(max(font.getlength(n) for n in column_names)) + 10
+    left = min(int(max(font.getlength(p) for p in row_names)) + 10, 260)
     picture = Image.new("RGB", (left + grid.width, header + grid.height), "white")
     picture.paste(grid, (left, header))
     names = Image.new("RGB", (header, grid.width), "white")  # drawn across, then turned to read upwards
@@ -200,7 +199,7 @@ def label_grid(grid, column_names, row_names, font_size=12):
     picture.paste(names.transpose(Image.Transpose.ROTATE_90), (left, 0))
     draw = ImageDraw.Draw(picture)
     for i, prompt in enumerate(row_names):
-        while draw.textlength(prompt, font=font) > left - 10:
+        while font.getlength(prompt) > left - 10:
             prompt = prompt[:-2] + "…"
         draw.text((left - 5, header + (i + 0.5) * cell_h), prompt, fill="black", font=font, anchor="rm")
     return picture

@@ -23,12 +23,16 @@ from toy_world import GENEVAL_TAGS, REWARDS, score
 
 # The table's column of each reward: GenEval's is the official check (the paper's metric; rewards.py)
 COLUMN_OF = {"geneval": "geneval_acc", "ocr": "ocr", "quality": "quality", "deqa": "deqa", "pickscore": "pickscore"}
-TITLE = {"geneval_acc": "GenEval", "geneval_strict": "GenEval strict (exact counts)", "ocr": "OCR",
-         "quality": "quality", "deqa": "DeQA / 5", "pickscore": "PickScore / 26"}
-EXTRA_COLUMNS = ("geneval_strict",)  # shown where the scorer gives them (flow_grpo's GenEval server), not averaged
+TITLE = {"geneval_acc": "GenEval", "geneval_strict": "GenEval strict (exact counts)",
+         "geneval_clean": "GenEval, nothing unasked", "ocr": "OCR", "quality": "quality", "deqa": "DeQA / 5",
+         "pickscore": "PickScore / 26"}
+# Shown where the scorer gives them, not averaged: exact counts from flow_grpo's GenEval server, the official rule
+# with no unasked object from the miniature's detector (toy_world.nothing_unasked)
+EXTRA_COLUMNS = ("geneval_strict", "geneval_clean")
 # What the miniature world's GenEval detector implements (toy_world.geneval_score), said under its table
 MINIATURE_GENEVAL = ("GenEval: the official rule (at least each asked count; the exclude clause of counting prompts "
-                     "makes their count exact), as flow_grpo's server `rewards`; the miniature has no exact-count variant.")
+                     "makes their count exact), as flow_grpo's server `rewards`; the miniature has no exact-count variant. "
+                     "\"Nothing unasked\": the official rule and no object drawn beyond the asked ones.")
 
 
 def sample_images(bundle, prompts, seeds, num_steps, guidance_scale, noise_level=0.0, batch_size=None, bf16=None,
@@ -235,12 +239,14 @@ def main(argv=None):
     bundle = training.load_model_from_args(args)
     score, names = rewards.from_args(args, bundle)
     columns = [COLUMN_OF[n] for n in names]
-    extra = [c for c in EXTRA_COLUMNS if "geneval" in names and c != COLUMN_OF["geneval"] and bundle.kind != "miniature"]
     note = f"\n{MINIATURE_GENEVAL}\n" if bundle.kind == "miniature" and "geneval" in names else ""
     steps = args.steps or bundle.defaults["eval_steps"]
     guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
     model = load_adapters(bundle.transformer, adapters)
     runs = ([] if args.no_base_row else [("base", None)]) + adapters
+    if not runs:
+        raise common.UserError("--no-base-row without --adapters leaves no row to evaluate; expected --adapters "
+                               "name=peft_folder,... or the base row")
     rows, shown_images = [], []
     shown = np.linspace(0, len(items) - 1, min(args.grid_prompts, len(items))).round().astype(int)
     for name, path in runs:
@@ -252,6 +258,7 @@ def main(argv=None):
                      "samples_per_prompt": args.samples_per_prompt,
                      "eval_precision": "bf16" if args.eval_bf16 else "fp32",
                      **row_scores(score(images, prompts, metas, names=names), metas, columns, args.samples_per_prompt)})
+        extra = [c for c in EXTRA_COLUMNS if c in rows[0]]
         shown_images.append(images[shown])
         print(markdown_table(rows[-1:], columns, extra).splitlines()[-1])
     os.makedirs(args.out, exist_ok=True)

@@ -244,13 +244,13 @@ def table_markdown(table):
 
     def cell(row, column):
         return f"{row[column]:.3f} ± {row.get(column + '_se', float('nan')):.3f}"
-    lines = ["| row | GenEval | OCR | quality | average | GenEval gain kept | OCR gain kept | train min |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | GenEval | OCR | quality | average | GenEval gain kept | OCR gain kept | GenEval, nothing unasked "
+             "| train min |", "|---|---|---|---|---|---|---|---|---|"]
     for row in table:
         kept = [evaluation.gain_kept(row[c], rows["base"][c], rows[f"teacher-{t}"][c]) for t, c in TASKS.items()]
         minutes = f"{row['train_minutes']:.1f}" if row.get("train_minutes") is not None else ""
         lines.append(f"| {row['model']} | {cell(row, 'geneval_acc')} | {cell(row, 'ocr')} | {cell(row, 'quality')} | "
-                     f"{cell(row, 'average')} | {kept[0]:.0%} | {kept[1]:.0%} | {minutes} |")
+                     f"{cell(row, 'average')} | {kept[0]:.0%} | {kept[1]:.0%} | {cell(row, 'geneval_clean')} | {minutes} |")
     seeds = [rows[n] for n in ("opd-merge", "opd-merge-seed1") if n in rows]
     if len(seeds) == 2:
         lines.append("")

@@ -11,7 +11,8 @@ A reward is NaN for a prompt it does not judge (an OCR prompt has no GenEval sco
   already sends its 1-5 score / 5).
 GenEval gives three numbers: `geneval` (partial credit, the training reward), `geneval_acc` (the official
 GenEval check: at least each asked count, exclude clauses; the paper's GenEval column) and, from the real
-server only, `geneval_strict` (exact counts, flow_grpo's stricter variant).
+server only, `geneval_strict` (exact counts, flow_grpo's stricter variant); the miniature's detector adds
+`geneval_clean` (the official check and no object beyond the asked ones: the rule lets clutter pass).
 
 The reward servers speak flow_grpo's protocol: a POST whose body is a pickled dict of JPEG bytes, and a
 pickled dict back. Unpickling runs code chosen by whoever answers, so the client talks only to the URL

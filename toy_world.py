@@ -323,6 +323,13 @@ def geneval_score(image, meta):
     return float(np.mean(terms)), float(strict)
 
 
+def nothing_unasked(image, meta):
+    """True when the detector finds no object beyond the GenEval record's asked ones. GenEval's rule does not ask
+    this: a picture full of shapes passes "a photo of a circle", and the miniature's GenEval teacher gains largely
+    by such clutter (docs/experiments.md, 2026-12-04), so the table shows strict AND this as its own column."""
+    return len(detect_objects(image)) <= sum(clause["count"] for clause in meta["include"])
+
+
 def levenshtein(a, b):
     row = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
@@ -380,7 +387,8 @@ REWARDS = ("geneval", "ocr", "quality")
 
 def score(images, prompts, metadata=None, names=REWARDS):
     """The one reward API: {name: float array of len(images)}.
-    geneval -> partial credit (training reward) and geneval_acc (GenEval-style accuracy);
+    geneval -> partial credit (training reward), geneval_acc (GenEval-style accuracy) and geneval_clean
+    (geneval_acc and nothing unasked drawn);
     ocr -> METHOD.md §8; quality -> see quality_score. A task reward is NaN for prompts of the
     other task (an OCR prompt has no GenEval score)."""
     unknown = [n for n in names if n not in REWARDS]
@@ -396,6 +404,8 @@ def score(images, prompts, metadata=None, names=REWARDS):
         pairs = [geneval_score(im, m) if m and "include" in m else (np.nan, np.nan) for im, m in zip(images, metas)]
         out["geneval"] = np.array([p for p, _ in pairs])
         out["geneval_acc"] = np.array([s for _, s in pairs])
+        out["geneval_clean"] = np.array([s * nothing_unasked(im, m) if m and "include" in m else np.nan
+                                         for (_, s), im, m in zip(pairs, images, metas)])
     if "ocr" in names:
         is_ocr = [bool(re.search(r'"[^"]*"', p)) for p in prompts]
         texts = ocr_read(images[is_ocr]) if any(is_ocr) else []

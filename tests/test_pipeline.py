@@ -12,9 +12,10 @@ def test_quick_pipeline_writes_the_table_and_caches_its_steps(tmp_path, capsys):
     table = json.load(open(out / "table.json"))
     assert [row["model"] for row in table] == list(pipeline.NAMES)
     for row in table:
-        for key in ("geneval_acc", "geneval", "ocr", "quality", "average", "adapter", "command", "geneval/position"):
+        for key in ("geneval_acc", "geneval_clean", "geneval_clean_se", "geneval", "ocr", "quality", "average",
+                    "adapter", "command", "geneval/position"):
             assert key in row, (row["model"], key)
-        assert 0 <= row["geneval_acc"] <= 1 and 0 <= row["ocr"] <= 1
+        assert 0 <= row["geneval_clean"] <= row["geneval_acc"] <= 1 and 0 <= row["ocr"] <= 1
         if row["model"] != "base":
             assert os.path.isfile(os.path.join(row["adapter"], "adapter_model.safetensors"))
             assert row["command"].startswith("python ")
@@ -31,4 +32,4 @@ def test_quick_pipeline_writes_the_table_and_caches_its_steps(tmp_path, capsys):
     assert capsys.readouterr().out.count("[cached]") == len(pipeline.plan("runs", pipeline.QUICK, "model", "dataset", False))
     assert [row["model"] for row in json.load(open(out / "table.json"))] == [n for n in pipeline.NAMES
                                                                             if n not in pipeline.ABLATIONS]
-    assert "GenEval gain kept" in open(out / "table.md").read()
+    assert "GenEval gain kept" in open(out / "table.md").read() and "nothing unasked" in open(out / "table.md").read()

@@ -28,6 +28,7 @@ def test_ground_truth_renders_score_high_on_geneval_and_ocr(test_split):
     assert geneval.sum() == 192 and np.isnan(scores["geneval"][~geneval]).all()
     assert scores["geneval_acc"][geneval].mean() >= 0.95
     assert scores["geneval"][geneval].mean() >= 0.95
+    assert scores["geneval_clean"][geneval].mean() >= 0.95 and np.isnan(scores["geneval_clean"][~geneval]).all()
     assert np.nanmean(scores["ocr"]) >= 0.95
     assert scores["quality"].mean() >= 0.85
 
@@ -53,6 +54,16 @@ def test_wrong_renders_fail_geneval(rendered, asked):
     assert scores["geneval_acc"].mean() == 0
     assert scores["geneval"].mean() <= 0.75
     assert _score_as(asked, asked)["geneval_acc"].mean() == 1
+
+
+def test_unasked_objects_pass_geneval_but_not_nothing_unasked():
+    # GenEval's official rule does not mind objects of other classes; geneval_clean does
+    extra = _score_as("a photo of a circle and a square", "a photo of a circle")
+    assert extra["geneval_acc"].mean() == 1 and extra["geneval_clean"].mean() == 0
+    exact = _score_as("a photo of a circle", "a photo of a circle")
+    assert exact["geneval_acc"].mean() == 1 and exact["geneval_clean"].mean() == 1
+    wrong = _score_as("a photo of a circle", "a photo of a triangle")  # nothing extra, but not what was asked
+    assert wrong["geneval_clean"].mean() == 0
 
 
 def test_wrong_text_scores_low_on_ocr():

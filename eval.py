@@ -29,6 +29,7 @@ TITLE = {"geneval_acc": "GenEval", "geneval_strict": "GenEval strict (exact coun
 # Shown where the scorer gives them, not averaged: exact counts from flow_grpo's GenEval server, the official rule
 # with no unasked object from the miniature's detector (toy_world.nothing_unasked)
 EXTRA_COLUMNS = ("geneval_strict", "geneval_clean")
+TEST_PROMPTS = "dataset/geneval/test_metadata.jsonl,dataset/ocr/test.txt"  # the miniature's test split, both tasks
 # What the miniature world's GenEval detector implements (toy_world.geneval_score), said under its table
 MINIATURE_GENEVAL = ("GenEval: the official rule (at least each asked count; the exclude clause of counting prompts "
                      "makes their count exact), as flow_grpo's server `rewards`; the miniature has no exact-count variant. "
@@ -59,6 +60,22 @@ def sample_images(bundle, prompts, seeds, num_steps, guidance_scale, noise_level
                                            .transpose(0, 3, 1, 2).copy()))
         del latents
     return torch.cat(images)
+
+
+def test_samples(items, samples_per_prompt=1, seed=0):
+    """(prompts, metadata, seeds) of K samples of each [(prompt, metadata)] item: sample k of item i uses seed i +
+    k * len(items) (+ seed), so every row of a table sees the same noise; K seeds shrink a score's standard error
+    ~sqrt(K) (one seed per prompt: ~0.047 on the miniature's GenEval)."""
+    prompts = [p for p, _ in items] * samples_per_prompt
+    return prompts, [m for _, m in items] * samples_per_prompt, [seed + i for i in range(len(prompts))]
+
+
+def sample_row(bundle, model, name, prompts, seeds, num_steps, guidance_scale, batch_size=None, bf16=False):
+    """One table row's images: `model` from load_adapters, with its adapter `name` (None: the base) merged for
+    sampling (adapter_for_sampling)."""
+    with adapter_for_sampling(model, name) if model is not bundle.transformer else torch.no_grad():
+        return sample_images(dataclasses.replace(bundle, transformer=model), prompts, seeds, num_steps, guidance_scale,
+                             batch_size=batch_size, bf16=bf16)
 
 
 def evaluate(bundle, items, num_steps, guidance_scale, seed=0, scorer=None, names=REWARDS, bf16=False):
@@ -215,7 +232,7 @@ def main(argv=None):
     rewards.add_arguments(p)  # --eval-rewards (default: the world's columns), --pickscore-model, --geneval-url, ...
     p.add_argument("--adapters", default="", help='name=peft_folder,...; a row "base" (no adapter) comes first')
     p.add_argument("--no-base-row", action="store_true", help="leave the base model's row out")
-    p.add_argument("--test-prompts", default="dataset/geneval/test_metadata.jsonl,dataset/ocr/test.txt",
+    p.add_argument("--test-prompts", default=TEST_PROMPTS,
                    help="comma-separated prompt files, each path or task=path")
     p.add_argument("--steps", type=training.positive_int, default=None,
                    help="ODE steps (default: the model's; paper: 40)")
@@ -234,8 +251,7 @@ def main(argv=None):
     if args.test_prompts == p.get_default("test_prompts"):
         toy_world.ensure_prompt_files("dataset")
     items = common.load_prompt_files(args.test_prompts)
-    # K seeds per prompt shrink the scores' standard error ~sqrt(K) (one seed per prompt: ~0.047 on GenEval)
-    prompts, metas = [p for p, _ in items] * args.samples_per_prompt, [m for _, m in items] * args.samples_per_prompt
+    prompts, metas, seeds = test_samples(items, args.samples_per_prompt, args.seed)
     bundle = training.load_model_from_args(args)
     score, names = rewards.from_args(args, bundle)
     columns = [COLUMN_OF[n] for n in names]
@@ -250,10 +266,8 @@ def main(argv=None):
     rows, shown_images = [], []
     shown = np.linspace(0, len(items) - 1, min(args.grid_prompts, len(items))).round().astype(int)
     for name, path in runs:
-        with adapter_for_sampling(model, None if path is None else name) if adapters else torch.no_grad():
-            images = sample_images(dataclasses.replace(bundle, transformer=model), prompts,
-                                   [args.seed + i for i in range(len(prompts))], steps, guidance,
-                                   batch_size=args.batch_size, bf16=args.eval_bf16)
+        images = sample_row(bundle, model, None if path is None else name, prompts, seeds, steps, guidance,
+                            args.batch_size, args.eval_bf16)
         rows.append({"model": name, "adapter": path, "steps": steps, "guidance_scale": guidance, "seed": args.seed,
                      "samples_per_prompt": args.samples_per_prompt,
                      "eval_precision": "bf16" if args.eval_bf16 else "fp32",

@@ -9,7 +9,7 @@ objects per image) on the table's GenEval test images. Usage (2-core CPU: ~10 mi
     python miniature/studies/clean_geneval_teacher.py OUT_FOLDER
 Writes clean_geneval_teacher.txt beside this file.
 """
-import dataclasses, os, sys
+import os, sys
 import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import common, eval as evaluation, stage1_grpo, training, toy_world
@@ -33,22 +33,20 @@ stage1_grpo.main(["--model", "miniature/base", "--dataset", "dataset", "--reward
                   "--resume"])
 toy_world.geneval_score = official
 
-table = common.load_prompt_files("dataset/geneval/test_metadata.jsonl,dataset/ocr/test.txt") * 4  # eval.py's list
-kept = [i for i, (_, m) in enumerate(table) if m]
-prompts, metas = [table[i][0] for i in kept], [table[i][1] for i in kept]
+samples = zip(*evaluation.test_samples(common.load_prompt_files(evaluation.TEST_PROMPTS), 4))  # eval.py's list
+prompts, metas, noise_seeds = map(list, zip(*[sample for sample in samples if sample[1]]))  # its GenEval images
 asked = np.array([sum(c["count"] for c in m["include"]) for m in metas])
 bundle = training.load_model("miniature/base")
 model = evaluation.load_adapters(bundle.transformer, [("teacher", os.path.join(out, "adapter"))])
 lines = [f"{len(prompts)} GenEval test images per row (4 seeds per prompt); objects asked: {asked.mean():.2f}",
          "row | GenEval strict | clean (strict, nothing extra) | objects found | images with extras | quality"]
 for name in ("base", "teacher"):
-    with evaluation.adapter_for_sampling(model, None if name == "base" else name):
-        images = evaluation.sample_images(dataclasses.replace(bundle, transformer=model), prompts, kept,
-                                          bundle.defaults["eval_steps"], bundle.defaults["guidance_scale"], bf16=False)
+    images = evaluation.sample_row(bundle, model, None if name == "base" else name, prompts, noise_seeds,
+                                   bundle.defaults["eval_steps"], bundle.defaults["guidance_scale"])
     scores = toy_world.score(images, prompts, metas, names=("geneval", "quality"))
     found = np.array([len(toy_world.detect_objects(image)) for image in toy_world.to_uint8(images)])
     strict = scores["geneval_acc"]
-    lines.append(f"{name} | {strict.mean():.3f} | {(strict * (found <= asked)).mean():.3f} | {found.mean():.2f} | "
+    lines.append(f"{name} | {strict.mean():.3f} | {scores['geneval_clean'].mean():.3f} | {found.mean():.2f} | "
                  f"{(found > asked).mean():.2f} | {scores['quality'].mean():.3f}")
     print(lines[-1], flush=True)
 open(os.path.join(here, "clean_geneval_teacher.txt"), "w").write("\n".join(lines) + "\n")

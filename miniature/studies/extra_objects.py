@@ -6,11 +6,12 @@ of every colour passes "a photo of a circle". For each row (the base and peft ad
 test images (eval.py's sampler and seeds: 20 ODE steps, CFG 4.5, fp32, the merged-adapter sampling) and the
 detector's objects in each. Reports per row: GenEval strict (the table's number, a check), the mean number of
 objects detected against the number asked, the share of images with more objects than asked, and a stricter
-"clean" accuracy: strict AND no object beyond those asked. Usage (after `python pipeline.py`):
+"clean" accuracy: strict AND no object beyond those asked (the table's "GenEval, nothing unasked" since
+2026-12-04). Usage (after `python pipeline.py`):
     python miniature/studies/extra_objects.py NAME=PEFT_FOLDER,... [SEEDS] [CFG]
 Writes extra_objects.txt beside this file (extra_objects-cfgCFG.txt with a CFG other than the table's 4.5).
 """
-import dataclasses, os, sys
+import os, sys
 import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import common, eval as evaluation, training, toy_world
@@ -19,9 +20,8 @@ rows = [("base", None)] + evaluation.parse_adapters(sys.argv[1])
 seeds = int(sys.argv[2]) if len(sys.argv) > 2 else 4
 guidance = float(sys.argv[3]) if len(sys.argv) > 3 else None
 here = os.path.dirname(os.path.abspath(__file__))
-table = common.load_prompt_files("dataset/geneval/test_metadata.jsonl,dataset/ocr/test.txt") * seeds  # eval.py's list
-kept = [i for i, (_, m) in enumerate(table) if m]  # its GenEval items, with their seeds in the table
-prompts, metas = [table[i][0] for i in kept], [table[i][1] for i in kept]
+samples = zip(*evaluation.test_samples(common.load_prompt_files(evaluation.TEST_PROMPTS), seeds))  # eval.py's list
+prompts, metas, noise_seeds = map(list, zip(*[sample for sample in samples if sample[1]]))  # its GenEval images
 asked = np.array([sum(c["count"] for c in m["include"]) for m in metas])
 tags = sorted({m["tag"] for m in metas})
 bundle = training.load_model("miniature/base")
@@ -32,12 +32,11 @@ lines = [f"{len(prompts)} GenEval test images per row ({seeds} seeds per prompt)
          "row | GenEval strict | clean (strict, nothing extra) | objects found | images with extras | "
          + " | ".join(f"objects {t}" for t in tags)]
 for name, path in rows:
-    with evaluation.adapter_for_sampling(model, None if path is None else name):
-        images = evaluation.sample_images(dataclasses.replace(bundle, transformer=model), prompts, kept,
-                                          bundle.defaults["eval_steps"], guidance, bf16=False)
-    strict = toy_world.score(images, prompts, metas, names=("geneval",))["geneval_acc"]
+    images = evaluation.sample_row(bundle, model, None if path is None else name, prompts, noise_seeds,
+                                   bundle.defaults["eval_steps"], guidance)
+    scores = toy_world.score(images, prompts, metas, names=("geneval",))
+    strict, clean = scores["geneval_acc"], scores["geneval_clean"]
     found = np.array([len(toy_world.detect_objects(image)) for image in toy_world.to_uint8(images)])
-    clean = strict * (found <= asked)
     per_tag = [found[np.array([m["tag"] == t for m in metas])].mean() for t in tags]
     lines.append(f"{name} | {strict.mean():.3f} | {clean.mean():.3f} | {found.mean():.2f} | {(found > asked).mean():.2f} | "
                  + " | ".join(f"{n:.2f}" for n in per_tag))

@@ -7,9 +7,10 @@ and quality score (toy_world.score). Reports each row's quality over all its Gen
 ones it gets right and wrong, and per GenEval tag; and, over the prompt/seed pairs that every row gets
 right, each row's quality on the same correct scenes. Usage (after `python pipeline.py`):
     python miniature/studies/quality_vs_geneval.py NAME=PEFT_FOLDER,... [SEEDS]
-Writes quality_vs_geneval.txt beside this file.
+Writes quality_vs_geneval.txt beside this file (the committed one, of 2026-12-03, was sampled with the LoRA branch
+unmerged, before eval.sample_row: images within one level of 255 of today's; its adapters were replaced since).
 """
-import dataclasses, os, sys
+import os, sys
 import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import common, eval as evaluation, training, toy_world
@@ -17,17 +18,14 @@ import common, eval as evaluation, training, toy_world
 rows = [("base", None)] + evaluation.parse_adapters(sys.argv[1])
 seeds = int(sys.argv[2]) if len(sys.argv) > 2 else 4
 here = os.path.dirname(os.path.abspath(__file__))
-table = common.load_prompt_files("dataset/geneval/test_metadata.jsonl,dataset/ocr/test.txt") * seeds  # eval.py's list
-kept = [i for i, (_, m) in enumerate(table) if m]  # its GenEval items, with their seeds in the table
-prompts, metas = [table[i][0] for i in kept], [table[i][1] for i in kept]
+samples = zip(*evaluation.test_samples(common.load_prompt_files(evaluation.TEST_PROMPTS), seeds))  # eval.py's list
+prompts, metas, noise_seeds = map(list, zip(*[sample for sample in samples if sample[1]]))  # its GenEval images
 bundle = training.load_model("miniature/base")
 model = evaluation.load_adapters(bundle.transformer, rows[1:])
 scores = {}
 for name, path in rows:
-    with common.use_adapter(model, None if path is None else name):
-        images = evaluation.sample_images(dataclasses.replace(bundle, transformer=model), prompts,
-                                          kept, bundle.defaults["eval_steps"],
-                                          bundle.defaults["guidance_scale"], bf16=False)
+    images = evaluation.sample_row(bundle, model, None if path is None else name, prompts, noise_seeds,
+                                   bundle.defaults["eval_steps"], bundle.defaults["guidance_scale"])
     scores[name] = toy_world.score(images, prompts, metas, names=("geneval", "quality"))
 tags = sorted({m["tag"] for m in metas})
 both = np.all([scores[n]["geneval_acc"] == 1 for n, _ in rows], axis=0)

@@ -376,7 +376,8 @@ def main(argv=None):
         groups = batch["groups"]
         record = {"epoch": epoch, "trajectories": epoch * args.prompts_per_epoch * args.group_size,
                   "reward_mean": float(np.nanmean(reward)), "reward_std": float(np.nanstd(reward)),
-                  **{f"reward_{n}": float(np.nanmean(v)) for n, v in batch["scores"].items()},
+                  **{f"reward_{n}": float(np.nanmean(v)) for n, v in batch["scores"].items()
+                     if np.isfinite(v).any()},  # a reward none of the batch's prompts has is left out, not NaN
                   "skipped_groups": int(len(set(groups)) - len(set(groups[informative]))),
                   "seconds": time.time() - start, "lr": lr, **(stats or {}), "skipped_update": not finite}
         training.end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, evaluate)

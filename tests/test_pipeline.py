@@ -21,6 +21,8 @@ def test_quick_pipeline_writes_the_table_and_caches_its_steps(tmp_path, capsys):
             assert row["command"].startswith("python ")
     for name in ("table.md", "grid.png", "curve.png", "commands.sh", "logs/grpo-mix.jsonl", "logs/opd-merge.jsonl"):
         assert os.path.isfile(out / name), name
+    for log in os.listdir(out / "logs"):  # strict JSON: a reward no prompt of a batch had is left out, not NaN
+        assert "NaN" not in open(out / "logs" / log).read(), log
     minutes = json.load(open(out / "minutes.json"))
     assert set(minutes["steps"]) == {n for n, _, _ in pipeline.plan("runs", pipeline.QUICK, "m", "d")}
     assert minutes["all_steps_and_evaluation"] == sum(minutes["steps"].values()) + minutes["evaluation"] > 0

@@ -10,7 +10,7 @@ demo: .venv/installed
 	$(PY) pipeline.py
 
 sample: .venv/installed
-	$(PY) toy.py sample --model miniature/base --out results/base
+	$(PY) -m lab sample --model miniature/base --out results/base
 
 test: .venv/installed
 	$(PY) -m pytest -q tests

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 import common
+import loading
 import rewards
-import toy_world
+import miniature.world
 import training
-from toy_world import GENEVAL_TAGS, REWARDS, score
+from miniature.world import GENEVAL_TAGS, REWARDS, score
 
 # The table's column of each reward: GenEval's is the official check (the paper's metric; rewards.py)
 COLUMN_OF = {"geneval": "geneval_acc", "ocr": "ocr", "quality": "quality", "deqa": "deqa", "pickscore": "pickscore"}
@@ -27,10 +28,10 @@ TITLE = {"geneval_acc": "GenEval", "geneval_strict": "GenEval strict (exact coun
          "geneval_clean": "GenEval, nothing unasked", "ocr": "OCR", "quality": "quality", "deqa": "DeQA / 5",
          "pickscore": "PickScore / 26"}
 # Shown where the scorer gives them, not averaged: exact counts from flow_grpo's GenEval server, the official rule
-# with no unasked object from the miniature's detector (toy_world.nothing_unasked)
+# with no unasked object from the miniature's detector (miniature.world.nothing_unasked)
 EXTRA_COLUMNS = ("geneval_strict", "geneval_clean")
 TEST_PROMPTS = "dataset/geneval/test_metadata.jsonl,dataset/ocr/test.txt"  # the miniature's test split, both tasks
-# What the miniature world's GenEval detector implements (toy_world.geneval_score), said under its table
+# What the miniature world's GenEval detector implements (miniature.world.geneval_score), said under its table
 MINIATURE_GENEVAL = ("GenEval: the official rule (at least each asked count; the exclude clause of counting prompts "
                      "makes their count exact), as flow_grpo's server `rewards`; the miniature has no exact-count variant. "
                      "\"Nothing unasked\": the official rule and no object drawn beyond the asked ones.")
@@ -44,7 +45,7 @@ def sample_images(bundle, prompts, seeds, num_steps, guidance_scale, noise_level
     bf16 is fast, common.bf16_is_fast); the VAE decodes `decode_batch_size` latents at a time (SD3: 4) outside the
     autocast, in its own weights' precision (flow_grpo decodes in fp32); each batch's images leave the
     device as uint8 (a 512 px image: 0.75 MB, a quarter of fp32), which every scorer reads exactly as it
-    would the float images (toy_world.to_uint8 rounds the same way)."""
+    would the float images (miniature.world.to_uint8 rounds the same way)."""
     batch_size = batch_size or bundle.defaults["eval_batch_size"]
     decode_batch_size = decode_batch_size or bundle.defaults["decode_batch_size"]
     sigmas = common.sampling_sigmas(bundle.scheduler, num_steps)
@@ -56,7 +57,7 @@ def sample_images(bundle, prompts, seeds, num_steps, guidance_scale, noise_level
             latents = common.rollout(bundle.transformer, embeds, pooled, bundle.latent_shape(bundle.resolution),
                                      sigmas, seeds[i:i + batch_size], noise_level, guidance_scale, negative)["states"][:, -1]
         for j in range(0, len(latents), decode_batch_size):
-            images.append(torch.from_numpy(toy_world.to_uint8(bundle.decode(latents[j:j + decode_batch_size]))
+            images.append(torch.from_numpy(miniature.world.to_uint8(bundle.decode(latents[j:j + decode_batch_size]))
                                            .transpose(0, 3, 1, 2).copy()))
         del latents
     return torch.cat(images)
@@ -81,7 +82,7 @@ def sample_row(bundle, model, name, prompts, seeds, num_steps, guidance_scale, b
 def evaluate(bundle, items, num_steps, guidance_scale, seed=0, scorer=None, names=REWARDS, bf16=False):
     """Scores of a model on [(prompt, metadata)]: {"geneval_acc", "geneval", "ocr", "quality",
     "geneval/<tag>"...} means, and the images. Seeds are seed + index, so every model sees the same noise.
-    `scorer`: a function with score()'s signature (default toy_world.score; rewards.make_scorer for real models).
+    `scorer`: a function with score()'s signature (default miniature.world.score; rewards.make_scorer for real models).
     fp32 by default, as eval.py: the same weights then score the same on every CPU (bf16 rounding moved
     a row's GenEval by up to 0.04, docs/speed.md)."""
     prompts, metas = [p for p, _ in items], [m for _, m in items]
@@ -107,9 +108,9 @@ def parse_adapters(text):
         name, _, path = part.rpartition("=")
         name = name or os.path.basename(os.path.normpath(os.path.dirname(path) if path.endswith("adapter") else path))
         if "." in name:  # torch module names (peft adapter names) cannot hold a dot
-            raise common.UserError(f"row name {name!r} in --adapters has a '.'; expected a name without dots, e.g. "
+            raise loading.UserError(f"row name {name!r} in --adapters has a '.'; expected a name without dots, e.g. "
                              f"{name.replace('.', '-')!r}")
-        path = common.resolve_adapter(path)  # a hub id (e.g. a published Flow-GRPO teacher) -> its cached folder
+        path = loading.resolve_adapter(path)  # a hub id (e.g. a published Flow-GRPO teacher) -> its cached folder
         if not os.path.isdir(path):
             raise FileNotFoundError(f"adapter folder {path!r} (for row {name!r}) does not exist; expected a peft "
                                     f"folder with adapter_config.json and adapter_model.safetensors")
@@ -122,21 +123,21 @@ def load_adapters(transformer, adapters):
     if not adapters:
         return transformer
     from peft import PeftModel
-    adapters = [(name, common.resolve_adapter(path)) for name, path in adapters]
-    common.check_adapter_fits(transformer, adapters[0][1])
+    adapters = [(name, loading.resolve_adapter(path)) for name, path in adapters]
+    loading.check_adapter_fits(transformer, adapters[0][1])
     model = PeftModel.from_pretrained(transformer, adapters[0][1], adapter_name=adapters[0][0], is_trainable=False)
     for name, path in adapters[1:]:
-        common.load_adapter(model, path, name)
+        loading.load_adapter(model, path, name)
     return model
 
 
 @contextlib.contextmanager
 def adapter_for_sampling(peft_model, name):
-    """common.use_adapter, with the adapter merged into fp32 base weights for the block (one matmul per layer
+    """loading.use_adapter, with the adapter merged into fp32 base weights for the block (one matmul per layer
     instead of the LoRA branch in every pass: a miniature row samples ~1.2x faster, its images within one level
     of 255 of the unmerged ones, docs/speed.md), then the base weights restored bit for bit. bf16 base weights
     are not merged: Delta W would be rounded to bf16."""
-    with common.use_adapter(peft_model, name):
+    with loading.use_adapter(peft_model, name):
         base = {n: p for n, p in peft_model.named_parameters() if n.endswith("base_layer.weight")}  # what merging writes
         if name is None or any(p.dtype != torch.float32 for p in base.values()):
             yield peft_model
@@ -152,7 +153,7 @@ def adapter_for_sampling(peft_model, name):
                     p.copy_(saved[n])
 
 
-def evaluate_policy(bundle, policy, adapter, items, steps, guidance, out_png=None, scorer=None, names=toy_world.REWARDS,
+def evaluate_policy(bundle, policy, adapter, items, steps, guidance, out_png=None, scorer=None, names=miniature.world.REWARDS,
                     bf16=None):
     """Test scores of `policy` (a PeftModel) with `adapter` active: the stages' periodic evaluation.
     Deterministic ODE; prompt i uses seed i, as in the table. Optionally writes a sample grid.
@@ -249,8 +250,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     adapters = parse_adapters(args.adapters)
     if args.test_prompts == p.get_default("test_prompts"):
-        toy_world.ensure_prompt_files("dataset")
-    items = common.load_prompt_files(args.test_prompts)
+        miniature.world.ensure_prompt_files("dataset")
+    items = loading.load_prompt_files(args.test_prompts)
     prompts, metas, seeds = test_samples(items, args.samples_per_prompt, args.seed)
     bundle = training.load_model_from_args(args)
     score, names = rewards.from_args(args, bundle)
@@ -261,7 +262,7 @@ def main(argv=None):
     model = load_adapters(bundle.transformer, adapters)
     runs = ([] if args.no_base_row else [("base", None)]) + adapters
     if not runs:
-        raise common.UserError("--no-base-row without --adapters leaves no row to evaluate; expected --adapters "
+        raise loading.UserError("--no-base-row without --adapters leaves no row to evaluate; expected --adapters "
                                "name=peft_folder,... or the base row")
     rows, shown_images = [], []
     shown = np.linspace(0, len(items) - 1, min(args.grid_prompts, len(items))).round().astype(int)

@@ -4,10 +4,10 @@
     python pipeline.py --quick    # the same steps with tiny budgets, a smoke test -> results-quick/
 
 Steps, each cached (a finished step is skipped, an interrupted one resumes from its checkpoint):
-  1. the prompt files                         toy.py prompts
+  1. the prompt files                         python -m lab prompts
   2. teachers: geneval                        stage1_grpo.py --reward geneval --objective nft (GRPO is too slow
                                               here: docs/experiments.md, Stage 1)
-     ocr: a render specialist                 toy.py specialist (no reward-trained OCR teacher moves here)
+     ocr: a render specialist                 python -m lab specialist (no reward-trained OCR teacher moves here)
      and the quality anchor                   stage1_grpo.py --reward quality
   3. the mixed-reward baselines                stage1_grpo.py --reward geneval=0.5,ocr=0.5: GRPO (grpo-mix)
                                               and the GenEval teacher's NFT recipe (nft-mix)
@@ -32,12 +32,13 @@ import time
 from PIL import Image
 
 import common
+import loading
 import eval as evaluation
 import stage1_grpo
 import stage2_coldstart
 import stage3_opd
-import toy
-import toy_world
+import lab.commands
+import miniature.world
 import training
 
 # The budgets. FULL trains every model in minutes on a 2-core CPU; QUICK only checks the wiring.
@@ -94,7 +95,7 @@ def plan(runs, budget, model, dataset, ablations=True):
     """[(row name, script, argv)] in dependency order; each run writes runs/<name>/adapter. Stage 1 GRPO
     does not move GenEval or OCR in minutes (docs/experiments.md, "Stage 1 in the miniature world"), so the GenEval
     teacher is Stage 1 with DiffusionNFT's objective on the same rewards, and the OCR teacher, which no
-    reward-trained run moved, a render specialist (toy.py specialist); quality and GRPO-Mix are Stage 1 GRPO runs."""
+    reward-trained run moved, a render specialist (python -m lab specialist); quality and GRPO-Mix are Stage 1 GRPO runs."""
     def out(name):
         return os.path.join(runs, name)
 
@@ -106,7 +107,7 @@ def plan(runs, budget, model, dataset, ablations=True):
     merge = ["--init", f"{out('coldstart-merge')}/adapter"]
     steps = [
         ("teacher-geneval", stage1_grpo, [*shared, "--reward", "geneval", *budget["geneval"], *evals("teacher-geneval")]),
-        ("teacher-ocr", toy, ["specialist", "--task", "ocr", *shared, *budget["ocr"]]),
+        ("teacher-ocr", lab.commands, ["specialist", "--task", "ocr", *shared, *budget["ocr"]]),
         ("teacher-quality", stage1_grpo, [*shared, "--reward", "quality", *budget["grpo"], *evals("teacher-quality")]),
         ("grpo-mix", stage1_grpo, [*shared, "--reward", "geneval=0.5,ocr=0.5", "--mix", "sum", *budget["grpo"],
                                    *evals("grpo-mix")]),
@@ -138,7 +139,7 @@ def quick_test_files(dataset, folder):
     """Every 8th GenEval test prompt (2 per category) and every 8th OCR test prompt, as prompt files."""
     os.makedirs(folder, exist_ok=True)
     paths = []
-    for task, split in common.DEFAULT_PROMPT_FILES.items():
+    for task, split in loading.DEFAULT_PROMPT_FILES.items():
         source = os.path.join(dataset, split["test"])
         path = os.path.join(folder, os.path.basename(source))
         with open(source) as f, open(path, "w") as out:
@@ -152,7 +153,8 @@ def run_step(name, script, argv, runs):
     folder = os.path.join(runs, name)
     resumable = script in (stage1_grpo, stage3_opd)
     argv = [*argv, "--out", folder, *(["--resume"] if resumable else [])]
-    command = f"python {os.path.basename(script.__file__)} {' '.join(argv)}"
+    program = "-m miniature" if script is lab.commands else os.path.basename(script.__file__)
+    command = f"python {program} {' '.join(argv)}"
     timing = os.path.join(folder, "minutes.json")
     if os.path.isdir(os.path.join(folder, "adapter")):
         print(f"[cached] {name}")
@@ -274,7 +276,7 @@ def main(argv=None):
     out = args.out or ("results-quick" if args.quick else "results")
     runs = args.runs or ("runs-quick" if args.quick else "runs")
     dataset = "dataset"
-    toy_world.ensure_prompt_files(dataset)
+    miniature.world.ensure_prompt_files(dataset)
     budget, test_files = FULL, ""
     if args.quick:  # a few test prompts of every task, so that the many evaluations take seconds
         test_files = quick_test_files(dataset, os.path.join(runs, "test-prompts"))

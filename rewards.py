@@ -1,10 +1,10 @@
-"""The rewards (METHOD.md §8), one API for both worlds:
+"""The rewards (docs/method.md M8), one API for both worlds:
 
     score = rewards.make_scorer(args, bundle)         # from the flags of rewards.add_arguments
     score(images, prompts, metadata, names) -> {name: float array}    # images (B, 3, H, W) in [0, 1]
 
 A reward is NaN for a prompt it does not judge (an OCR prompt has no GenEval score).
-- miniature world (toy.py): `geneval` (a detector on flat-colour scenes), `ocr` (rapidocr, recognition
+- miniature world (lab/commands.py): `geneval` (a detector on flat-colour scenes), `ocr` (rapidocr, recognition
   only on one-line 64 px images), `quality` (the flat-colour stand-in for DeQA);
 - real world: `ocr` (rapidocr, detection + recognition), `pickscore` (a CLIP preference model,
   logit_scale * cos / 26), `geneval` and `deqa` (clients of flow_grpo's reward servers; the DeQA server
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-import common
-import toy_world
+import loading
+import miniature.world
 import training
 
 NAMES = ("geneval", "ocr", "quality", "pickscore", "deqa")
@@ -78,12 +78,12 @@ def eval_names(args, bundle):
 def check_names(names, where="--reward"):
     unknown = [n for n in names if n not in NAMES]
     if unknown:
-        raise common.UserError(f"unknown reward {unknown[0]!r} in {where}; expected names from {list(NAMES)}")
+        raise loading.UserError(f"unknown reward {unknown[0]!r} in {where}; expected names from {list(NAMES)}")
 
 
 def make_scorer(args, bundle):
     """score(images, prompts, metadata, names) for this model's world; real scorers load on first use."""
-    miniature = bundle.kind == "miniature"
+    is_miniature = bundle.kind == "miniature"
     loaded = {}
 
     def scorer(name):
@@ -95,7 +95,7 @@ def make_scorer(args, bundle):
             elif name in ("geneval", "deqa"):
                 url = getattr(args, f"{name}_url")
                 if url is None:
-                    raise common.UserError(f"reward {name!r} on real images needs --{name}-url (a flow_grpo reward server)")
+                    raise loading.UserError(f"reward {name!r} on real images needs --{name}-url (a flow_grpo reward server)")
                 post = server_client(url, args.reward_timeout, args.reward_retries)
                 quality = args.jpeg_quality
                 loaded[name] = (geneval_server_scorer(post, jpeg_quality=quality) if name == "geneval"
@@ -107,11 +107,11 @@ def make_scorer(args, bundle):
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         metadata = metadata or [None] * len(prompts)
-        local = tuple(n for n in names if miniature and n in toy_world.REWARDS and not (n == "geneval" and args.geneval_url))
-        out = toy_world.score(images, prompts, metadata, names=local) if local else {}  # one pass for all of them
+        local = tuple(n for n in names if is_miniature and n in miniature.world.REWARDS and not (n == "geneval" and args.geneval_url))
+        out = miniature.world.score(images, prompts, metadata, names=local) if local else {}  # one pass for all of them
         for name in (n for n in names if n not in local):
             if name == "quality":
-                raise common.UserError("reward 'quality' is the miniature world's flat-colour score; on real images use 'deqa'")
+                raise loading.UserError("reward 'quality' is the miniature world's flat-colour score; on real images use 'deqa'")
             out.update({"ocr": ocr_rewards(images, prompts)} if name == "ocr" else scorer(name)(images, prompts, metadata))
         return out
     return score
@@ -122,18 +122,18 @@ def make_scorer(args, bundle):
 
 
 def ocr_rewards(images, prompts):
-    """METHOD.md §8 on real images: rapidocr detection + recognition, lines concatenated."""
+    """docs/method.md M8 on real images: rapidocr detection + recognition, lines concatenated."""
     is_ocr = np.array([re.search(r'"[^"]*"', p) is not None for p in prompts])
     rewards = np.full(len(prompts), np.nan)
     if is_ocr.any():
-        texts = toy_world.ocr_read(images[torch.as_tensor(is_ocr)], mode="det")
-        rewards[is_ocr] = [toy_world.ocr_reward(t, p) for t, p in zip(texts, np.asarray(prompts)[is_ocr])]
+        texts = miniature.world.ocr_read(images[torch.as_tensor(is_ocr)], mode="det")
+        rewards[is_ocr] = [miniature.world.ocr_reward(t, p) for t, p in zip(texts, np.asarray(prompts)[is_ocr])]
     return rewards
 
 
 def pickscore_scorer(model=PICKSCORE_MODEL, processor=PICKSCORE_PROCESSOR, device="cpu", batch_size=32, dtype="auto",
                      offload=False):
-    """PickScore: logit_scale * cos(text, image) of a CLIP preference model, / 26 as a reward (METHOD.md §8).
+    """PickScore: logit_scale * cos(text, image) of a CLIP preference model, / 26 as a reward (docs/method.md M8).
     CLIP-H is ~1 B parameters: `dtype` "auto" loads it in fp16 on a GPU (~2 GB instead of ~4; the cosine is
     computed in fp32), and `offload` keeps it on the CPU except while it scores."""
     from transformers import AutoProcessor, CLIPModel
@@ -155,7 +155,7 @@ def pickscore_scorer(model=PICKSCORE_MODEL, processor=PICKSCORE_PROCESSOR, devic
     def pickscore_values(images, prompts):
         values = []
         for i in range(0, len(prompts), batch_size):
-            pil = [Image.fromarray(a) for a in toy_world.to_uint8(images[i:i + batch_size])]
+            pil = [Image.fromarray(a) for a in miniature.world.to_uint8(images[i:i + batch_size])]
             pixels = prep(images=pil, return_tensors="pt")["pixel_values"].to(device, dtype)
             text = prep(text=list(prompts[i:i + batch_size]), padding=True, truncation=True, max_length=77,
                         return_tensors="pt")
@@ -186,7 +186,7 @@ def server_client(url, timeout=120.0, retries=3, backoff=1.0):
     """post(dict) -> dict with flow_grpo's pickle protocol. A connection error, timeout or 5xx is retried
     `retries` times with exponential backoff, then raises a clear error; a 4xx fails at once."""
     if not url.startswith(("http://", "https://")):
-        raise common.UserError(f"reward server URL {url!r} must start with http:// or https://")
+        raise loading.UserError(f"reward server URL {url!r} must start with http:// or https://")
     opener = urllib.request.build_opener(_RefuseRedirects)
 
     def post(payload):
@@ -201,12 +201,12 @@ def server_client(url, timeout=120.0, retries=3, backoff=1.0):
                     return pickle.loads(response.read())
             except urllib.error.HTTPError as err:
                 if err.code < 500:
-                    raise common.UserError(f"reward server {url} answered HTTP {err.code} ({err.reason}); expected a "
+                    raise loading.UserError(f"reward server {url} answered HTTP {err.code} ({err.reason}); expected a "
                                        f"flow_grpo reward server at this URL") from None
                 last = f"HTTP {err.code} ({err.reason})"
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
                 last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
-        raise common.UserError(f"reward server {url} failed {retries + 1} times (last: {last}); is the server running "
+        raise loading.UserError(f"reward server {url} failed {retries + 1} times (last: {last}); is the server running "
                            f"and reachable? (timeout {timeout} s per request, --reward-timeout/--reward-retries)")
     return post
 
@@ -214,7 +214,7 @@ def server_client(url, timeout=120.0, retries=3, backoff=1.0):
 def jpeg_bytes(images, quality=75):
     """The protocol's image format: one JPEG per image (flow_grpo saves with PIL's default quality, 75)."""
     out = []
-    for array in toy_world.to_uint8(images):
+    for array in miniature.world.to_uint8(images):
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
         out.append(buffer.getvalue())
@@ -261,5 +261,5 @@ def checked(answer, key, n):
         values = None
     if values is None or len(values) != n:
         got = sorted(answer) if isinstance(answer, dict) else type(answer).__name__
-        raise common.UserError(f"reward server answer has no {n} numbers under {key!r} (got {got}); expected flow_grpo's protocol")
+        raise loading.UserError(f"reward server answer has no {n} numbers under {key!r} (got {got}); expected flow_grpo's protocol")
     return values

@@ -1,4 +1,4 @@
-r"""Stage 1: single-reward GRPO teachers (Flow-GRPO, METHOD.md M1-M2) and the GRPO-Mix baseline.
+r"""Stage 1: single-reward GRPO teachers (Flow-GRPO, docs/method.md M1-M2) and the GRPO-Mix baseline.
 
     python stage1_grpo.py --reward geneval --out runs/teacher-geneval
     python stage1_grpo.py --reward ocr --out runs/teacher-ocr
@@ -16,7 +16,6 @@ miniature world, and the NFT recipe above). Defaults train a miniature teacher i
 the paper's SD3.5-M settings are given next to each flag.
 """
 import math
-import os
 import time
 
 import numpy as np
@@ -24,9 +23,10 @@ import torch
 from tqdm import tqdm
 
 import common
+import loading
 import eval as evaluation
 import rewards
-import toy_world
+import miniature.world
 import training
 
 # ----------------------------------------------------------------------------------------------
@@ -42,10 +42,10 @@ def parse_rewards(text):
         try:
             weights[name] = float(weight) if weight else 1.0
         except ValueError:
-            raise common.UserError(f"reward weight {weight!r} of {name!r} in --reward {text!r} is not a number; "
+            raise loading.UserError(f"reward weight {weight!r} of {name!r} in --reward {text!r} is not a number; "
                              f"expected e.g. 'geneval=0.5,ocr=0.5'") from None
         if not math.isfinite(weights[name]):
-            raise common.UserError(f"reward weight of {name!r} in --reward {text!r} is not finite")
+            raise loading.UserError(f"reward weight of {name!r} in --reward {text!r} is not finite")
     return weights
 
 
@@ -179,7 +179,7 @@ def policy_step_loss(policy, batch, idx, j, advantages, args):
     with common.autocast(x.device, args.train_bf16):  # the rollouts' precision: the first ratio is exactly 1
         v = common.velocity(policy, x, sigmas[j], embeds, pooled, args.guidance, args.negative)
         if args.beta > 0:  # beta = 0 saves the base forward
-            with torch.no_grad(), common.use_adapter(policy, None):  # base = adapter disabled, no second model
+            with torch.no_grad(), loading.use_adapter(policy, None):  # base = adapter disabled, no second model
                 v_base = common.velocity(policy, x, sigmas[j], embeds, pooled, args.guidance, args.negative)
     _, log_prob, _, _ = common.sde_step(x, v, sigmas[j], sigmas[j + 1], sigmas[1], args.noise_level, x_next=x_next)
     policy_loss, ratio = ppo_clip_loss(log_prob, batch["log_probs"][idx, j], advantages, args.clip_range)
@@ -253,7 +253,7 @@ def train_nft_epoch(policy, batch, advantages, informative, optimizer, args):
             optimizer.zero_grad(set_to_none=True)
             with common.autocast(device, args.train_bf16):
                 v = common.velocity(policy, x_sigma, sigma, embeds, pooled, args.nft_guidance, args.negative)
-                with torch.no_grad(), common.use_adapter(policy, "old"):
+                with torch.no_grad(), loading.use_adapter(policy, "old"):
                     v_old = common.velocity(policy, x_sigma, sigma, embeds, pooled, args.nft_guidance, args.negative)
             loss = nft_loss(v, v_old, noise - x0[idx], r, args.nft_beta).sum() / count
             loss.backward()
@@ -273,9 +273,9 @@ def train_nft_epoch(policy, batch, advantages, informative, optimizer, args):
 def prompt_files(args):
     """The train and test prompt specs: --train-prompts / --test-prompts, else the files of the tasks the
     rewards judge (e.g. --reward pickscore: DATASET/pickscore/*.txt; quality judges every prompt)."""
-    tasks = [t for t in common.TASK_PROMPT_FILES if t in args.rewards] or list(common.DEFAULT_PROMPT_FILES)
-    toy_world.ensure_prompt_files(args.dataset)
-    return [given or common.default_prompt_files(tasks, args.dataset, split)
+    tasks = [t for t in loading.TASK_PROMPT_FILES if t in args.rewards] or list(loading.DEFAULT_PROMPT_FILES)
+    miniature.world.ensure_prompt_files(args.dataset)
+    return [given or loading.default_prompt_files(tasks, args.dataset, split)
             for given, split in ((args.train_prompts, "train"), (args.test_prompts, "test"))]
 
 
@@ -332,22 +332,22 @@ def main(argv=None):
     nft_defaults = {"nft_beta": 1.0, "nft_times": 1, "nft_shift": None, "nft_guidance": 1.0, "nft_old_decay": 0.0, "nft_old_ramp": 0}
     nft_flags = [f"--{name.replace('_', '-')}" for name in nft_defaults if getattr(args, name) is not None]
     if args.objective != "nft" and nft_flags:  # given with GRPO, even at their defaults, they would be ignored silently
-        raise common.UserError(f"{', '.join(nft_flags)} only apply to --objective nft; expected --objective nft with them, or none of them with --objective {args.objective}")
+        raise loading.UserError(f"{', '.join(nft_flags)} only apply to --objective nft; expected --objective nft with them, or none of them with --objective {args.objective}")
     vars(args).update({name: default for name, default in nft_defaults.items() if getattr(args, name) is None})
     if args.nft_old_ramp > 0 and args.nft_old_decay == 0:  # a ramp to 0 would silently do nothing
-        raise common.UserError(f"--nft-old-ramp {args.nft_old_ramp} ramps --nft-old-decay, which is 0; expected --nft-old-decay > 0 with it")
+        raise loading.UserError(f"--nft-old-ramp {args.nft_old_ramp} ramps --nft-old-decay, which is 0; expected --nft-old-decay > 0 with it")
     rng = training.start_processes(args, group_size=args.group_size, train_batch_size=args.train_batch_size)
     bundle = training.load_model_from_args(args)
     args.score, args.eval_rewards = rewards.from_args(args, bundle)
     training.sampling_defaults(args, bundle)
     train_files, test_files = prompt_files(args)
-    train_items, test_items = common.load_prompt_files(train_files), common.load_prompt_files(test_files)
+    train_items, test_items = loading.load_prompt_files(train_files), loading.load_prompt_files(test_files)
 
     policy = training.make_policy(bundle.transformer, args.lora_rank, args.lora_alpha, targets=args.lora_targets)
     if args.objective == "nft":  # the epoch's sampling policy, v_old of nft_loss
         policy.add_adapter("old", policy.peft_config["student"])
         training.update_ema(policy, 0.0, "old")  # starts as the student
-        common.freeze_all_but(policy, "student")
+        loading.freeze_all_but(policy, "student")
         args.shift = args.nft_shift if args.nft_shift is not None else bundle.scheduler.config.get("shift", 3.0)  # by default shifted like the sampler's times
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
     def evaluate(png):
@@ -366,7 +366,7 @@ def main(argv=None):
             items = [it for it in train_items if common.route(it[0], it[1], {"geneval", "ocr"}) == task] or train_items
         if args.objective == "nft":  # DiffusionNFT samples with "old", held fixed through the epoch's updates
             training.update_ema(policy, old_decay(epoch, args.nft_old_decay, args.nft_old_ramp), "old")
-        with common.use_adapter(policy, "old" if args.objective == "nft" else "student"):
+        with loading.use_adapter(policy, "old" if args.objective == "nft" else "student"):
             batch = sample_epoch(policy, bundle, items, epoch_rewards, args, rng, seed=args.seed * 100003 + epoch * 1009)
         reward, advantages, informative = advantages_of(batch, epoch_rewards, args.mix)
         train = train_nft_epoch if args.objective == "nft" else train_on_epoch

@@ -1,4 +1,4 @@
-r"""Stage 2: a cold start for the student near all teachers (METHOD.md M6).
+r"""Stage 2: a cold start for the student near all teachers (docs/method.md M6).
 
     python stage2_coldstart.py merge --teachers geneval=runs/teacher-geneval/adapter,ocr=runs/teacher-ocr/adapter \
         --rule delta --out runs/coldstart-merge
@@ -36,9 +36,10 @@ import torch
 from tqdm import tqdm
 
 import common
+import loading
 import eval as evaluation
 import rewards
-import toy_world
+import miniature.world
 import training
 
 
@@ -49,9 +50,9 @@ def parse_weights(text, k):
     try:
         weights = [float(w) for w in text.split(",")]
     except ValueError:
-        raise common.UserError(f"--weights {text!r} does not parse; expected {k} comma-separated numbers") from None
+        raise loading.UserError(f"--weights {text!r} does not parse; expected {k} comma-separated numbers") from None
     if len(weights) != k:
-        raise common.UserError(f"--weights {text!r} has {len(weights)} numbers for {k} teachers; expected {k}")
+        raise loading.UserError(f"--weights {text!r} has {len(weights)} numbers for {k} teachers; expected {k}")
     return weights
 
 
@@ -104,20 +105,20 @@ def merge_ab(teachers, weights, out):
         merged = {key: sum(w * s[key].float() for w, s in zip(weights, states)) for key in states[0]}
         save_file(merged, os.path.join(tmp, "adapter_model.safetensors"))
         shutil.copy(os.path.join(folders[0], "adapter_config.json"), tmp)
-    common.atomic_write_dir(out, write)
+    loading.atomic_write_dir(out, write)
 
 
 def merge(args):
-    teachers = common.parse_teachers(args.teachers)
+    teachers = loading.parse_teachers(args.teachers)
     weights = parse_weights(args.weights, len(teachers))
     out = os.path.join(args.out, "adapter")
     if args.rule == "ab":  # the only rule that adds A and B matrices, key by key: one layout needed
-        common.check_same_layout(teachers)
+        loading.check_same_layout(teachers)
         merge_ab(teachers, weights, out)
     else:
         bundle = training.load_model_from_args(args)
         model = merge_peft(bundle.transformer, teachers, weights, args.rule, args.svd_rank, args.density)
-        common.save_adapter(model, "merged", out)
+        loading.save_adapter(model, "merged", out)
     print(f"wrote {out} ({args.rule} merge of {', '.join(f'{w:g} x {t}' for t, w in zip(teachers, weights))})")
 
 
@@ -138,19 +139,19 @@ def parse_candidates(text, k):
     for part in filter(None, text.split(";")):
         rule, _, weights = part.partition(":")
         if rule not in PEFT_COMBINATION:
-            raise common.UserError(f"candidate {part!r} in --candidates has rule {rule!r}; expected one of "
+            raise loading.UserError(f"candidate {part!r} in --candidates has rule {rule!r}; expected one of "
                                    f"{sorted(PEFT_COMBINATION)} followed by :w1,w2")
         candidates.append((rule, parse_weights(weights, k)))
     if not candidates:
-        raise common.UserError(f"--candidates {text!r} names no merge; expected e.g. 'delta:0.5,0.5;delta:1,1'")
+        raise loading.UserError(f"--candidates {text!r} names no merge; expected e.g. 'delta:0.5,0.5;delta:1,1'")
     return candidates
 
 
 def search(args):
-    teachers = common.parse_teachers(args.teachers)
+    teachers = loading.parse_teachers(args.teachers)
     candidates = parse_candidates(args.candidates, len(teachers))
-    toy_world.ensure_prompt_files(args.dataset)
-    split = validation_split(common.prompts_by_task(args.train_prompts, teachers, args.dataset, "train"),
+    miniature.world.ensure_prompt_files(args.dataset)
+    split = validation_split(loading.prompts_by_task(args.train_prompts, teachers, args.dataset, "train"),
                              args.val_per_task, args.seed)
     items = [item for task in teachers for item in split[task]]
     bundle = training.load_model_from_args(args)
@@ -181,7 +182,7 @@ def search(args):
         json.dump({"validation_prompts": [p for p, _ in items], "base": base, "teachers": reference,
                    "candidates": rows, "chosen": {"rule": best["rule"], "weights": best["weights"]}}, f, indent=1)
     add_merge(model, list(teachers), best["weights"], best["rule"], "merged", density=args.density)
-    common.save_adapter(model, "merged", os.path.join(args.out, "adapter"))
+    loading.save_adapter(model, "merged", os.path.join(args.out, "adapter"))
     print(f"wrote {args.out}/adapter: {best['rule']} merge, weights {best['weights']} (worst task keeps "
           f"{best['worst_kept']:.0%} of its teacher's gain on {len(items)} validation prompts)")
 
@@ -256,7 +257,7 @@ def fit_adapter(bundle, model, latents, prompts, layout, args, guidance):
     rank, alpha, targets = layout
     model.add_adapter("student", LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
     model.set_adapter("student")
-    common.freeze_all_but(model, "student")
+    loading.freeze_all_but(model, "student")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     embeds, pooled = bundle.encode(prompts)
@@ -291,15 +292,15 @@ def write_result(model, log, args, what):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "log.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in log)
-    common.save_adapter(model, "student", os.path.join(args.out, "adapter"))
+    loading.save_adapter(model, "student", os.path.join(args.out, "adapter"))
     losses = [r["loss"] for r in log if "loss" in r][-20:]
     print(f"wrote {args.out}/adapter ({what}; mean loss of the last 20 steps {sum(losses) / max(1, len(losses)):.4f})")
 
 
 def sft(args):
-    teachers = common.parse_teachers(args.teachers)
-    toy_world.ensure_prompt_files(args.dataset)
-    train_items = common.prompts_by_task(args.train_prompts, teachers, args.dataset, "train")
+    teachers = loading.parse_teachers(args.teachers)
+    miniature.world.ensure_prompt_files(args.dataset)
+    train_items = loading.prompts_by_task(args.train_prompts, teachers, args.dataset, "train")
     torch.manual_seed(args.seed)
     bundle = training.load_model_from_args(args)
     guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
@@ -308,7 +309,7 @@ def sft(args):
     latents, prompts = teacher_samples(bundle, model, teachers, train_items, args.samples_per_task, steps, guidance, args.seed,
                                        args, bf16=args.sample_bf16)
     # the student takes the first teacher's LoRA layout (rank, alpha, targets)
-    log = fit_adapter(bundle, model, latents, prompts, common.adapter_layout(next(iter(teachers.values()))), args, guidance)
+    log = fit_adapter(bundle, model, latents, prompts, loading.adapter_layout(next(iter(teachers.values()))), args, guidance)
     write_result(model, log, args, f"SFT on {len(prompts)} teacher samples")
 
 
@@ -317,25 +318,25 @@ def best_of_n(args):
     and the miniature world's quick teachers (one reward): rejection sampling, then SFT (M6)."""
     if args.reward != "task":
         rewards.check_names([args.reward], f"--reward {args.reward!r} (or 'task')")
-    tasks = [args.reward] if args.reward in common.DEFAULT_PROMPT_FILES else list(common.DEFAULT_PROMPT_FILES)
-    toy_world.ensure_prompt_files(args.dataset)
-    by_task = common.prompts_by_task(args.train_prompts, tasks, args.dataset, "train")
+    tasks = [args.reward] if args.reward in loading.DEFAULT_PROMPT_FILES else list(loading.DEFAULT_PROMPT_FILES)
+    miniature.world.ensure_prompt_files(args.dataset)
+    by_task = loading.prompts_by_task(args.train_prompts, tasks, args.dataset, "train")
     rng = random.Random(args.seed)
     items = [item for task in tasks for item in rng.sample(by_task[task], min(args.samples_per_task, len(by_task[task])))]
     torch.manual_seed(args.seed)
     bundle = training.load_model_from_args(args)
     guidance = args.guidance if args.guidance is not None else bundle.defaults["guidance_scale"]
-    model = common.add_lora(bundle.transformer, args.lora_rank, args.lora_alpha, args.lora_targets, name="unused")
+    model = loading.add_lora(bundle.transformer, args.lora_rank, args.lora_alpha, args.lora_targets, name="unused")
     cache = os.path.join(args.out, "samples.pt")  # the expensive part: kept, so a rerun only refits
     if os.path.isfile(cache):
         latents, prompts, best, mean = torch.load(cache).values()
     else:
-        with common.use_adapter(model, None):  # the base model samples
+        with loading.use_adapter(model, None):  # the base model samples
             latents, prompts, best, mean = best_of_n_samples(bundle, model, items, args.reward, args.n, args.sample_steps
                                                              or bundle.defaults["eval_steps"], guidance, args.seed,
                                                              rewards.make_scorer(args, bundle), args, bf16=args.sample_bf16)
         if args.rank == 0:
-            common.atomic_torch_save({"latents": latents, "prompts": prompts, "best": best, "mean": mean}, cache)
+            loading.atomic_torch_save({"latents": latents, "prompts": prompts, "best": best, "mean": mean}, cache)
     print(f"best-of-{args.n} {args.reward} reward: {best.mean():.3f} (a random sample: {mean.mean():.3f})")
     log = [{"prompts": len(items), "n": args.n, "best_reward": best.mean().item(), "mean_reward": mean.mean().item()}]
     layout = (args.lora_rank, args.lora_alpha, list(args.lora_targets))

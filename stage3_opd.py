@@ -1,12 +1,11 @@
-r"""Stage 3: multi-teacher on-policy distillation with Manifold Anchor Regularization (METHOD.md M3-M5).
+r"""Stage 3: multi-teacher on-policy distillation with Manifold Anchor Regularization (docs/method.md M3-M5).
 
     python stage3_opd.py --teachers geneval=runs/teacher-geneval/adapter,ocr=runs/teacher-ocr/adapter \
         --init runs/coldstart-merge/adapter --anchor runs/teacher-quality/adapter --out runs/opd-merge
 
 Each epoch the student samples SDE trajectories (M1) on prompts of all tasks. The router R(c) names
 each prompt's teacher; at every visited state the routed teacher's and the anchor's velocities are
-taken without gradient, in one mixed-adapter batch, with the student's guidance. The student is then
-updated to reduce
+taken without gradient, in one mixed-adapter batch, with the student's guidance. The student then reduces
     L = mean_j mean_i KL_j(student || teacher_R(c_i))  +  lambda mean_j mean_i KL_j(student || anchor)
 (M3 per step, M5 for the anchor term) with one of three estimators of the first term (M4):
     pathwise        the KL itself, gradient through the student's velocity at the fixed states
@@ -26,9 +25,10 @@ import torch
 from tqdm import tqdm
 
 import common
+import loading
 import eval as evaluation
 import rewards
-import toy_world
+import miniature.world
 import training
 
 # ----------------------------------------------------------------------------------------------
@@ -88,11 +88,11 @@ def load_guides(policy, teachers, anchor):
     peft folder loaded as "anchor") onto the policy's base. Returns ({task: adapter}, anchor adapter)."""
     guides = {f"teacher_{task}": path for task, path in teachers.items()}
     if anchor != "base":
-        guides["anchor"] = common.resolve_adapter(anchor)
+        guides["anchor"] = loading.resolve_adapter(anchor)
     # ranks and targets may differ (a rank-64 merge, another anchor): peft runs each adapter's own LoRA on
     # its rows of a mixed batch; load_adapter still checks that each one fits this base
     for name, path in guides.items():
-        common.load_adapter(policy, path, name)
+        loading.load_adapter(policy, path, name)
     return {task: f"teacher_{task}" for task in teachers}, ("anchor" if anchor != "base" else "__base__")
 
 
@@ -125,12 +125,12 @@ def parse_task_numbers(text, tasks, flag, example):
         try:
             numbers[task] = float(value)
         except ValueError:
-            raise common.UserError(f"{value!r} of {task!r} in {flag} {text!r} is not a number; expected "
+            raise loading.UserError(f"{value!r} of {task!r} in {flag} {text!r} is not a number; expected "
                                    f"task=number,... e.g. {example!r}") from None
         if not math.isfinite(numbers[task]) or numbers[task] < 0:
-            raise common.UserError(f"{task!r} in {flag} {text!r} is {numbers[task]}; expected a number >= 0")
+            raise loading.UserError(f"{task!r} in {flag} {text!r} is {numbers[task]}; expected a number >= 0")
     if sorted(numbers) != sorted(tasks):
-        raise common.UserError(f"{flag} {text!r} names {sorted(numbers)}; expected one number for each training task "
+        raise loading.UserError(f"{flag} {text!r} names {sorted(numbers)}; expected one number for each training task "
                                f"{sorted(tasks)}, e.g. {example!r}")
     return numbers
 
@@ -139,7 +139,7 @@ def parse_task_shares(text, tasks):
     """--task-shares: {task: weight >= 0}, not all zero."""
     shares = parse_task_numbers(text, tasks, "--task-shares", "geneval=2,ocr=1")
     if not sum(shares.values()) > 0:
-        raise common.UserError(f"--task-shares {text!r} are all zero; expected at least one task with a weight > 0")
+        raise loading.UserError(f"--task-shares {text!r} are all zero; expected at least one task with a weight > 0")
     return shares
 
 
@@ -352,16 +352,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    teachers = common.parse_teachers(args.teachers)
-    toy_world.ensure_prompt_files(args.dataset)
-    train_items = common.prompts_by_task(args.train_prompts, teachers, args.dataset, "train")
+    teachers = loading.parse_teachers(args.teachers)
+    miniature.world.ensure_prompt_files(args.dataset)
+    train_items = loading.prompts_by_task(args.train_prompts, teachers, args.dataset, "train")
     shares = parse_task_shares(args.task_shares, train_items) if args.task_shares is not None else None
     if args.guidance is not None:  # else the model's one scale (training.sampling_defaults)
         args.guidance = parse_task_numbers(args.guidance, teachers, "--guidance", "geneval=1,ocr=4.5")
-    test_items = [item for items in common.prompts_by_task(args.test_prompts, teachers, args.dataset, "test").values()
+    test_items = [item for items in loading.prompts_by_task(args.test_prompts, teachers, args.dataset, "test").values()
                   for item in items]
     if args.updates_per_epoch and args.rollouts_per_epoch % args.updates_per_epoch:
-        raise common.UserError(f"--updates-per-epoch {args.updates_per_epoch} does not divide --rollouts-per-epoch "
+        raise loading.UserError(f"--updates-per-epoch {args.updates_per_epoch} does not divide --rollouts-per-epoch "
                                f"{args.rollouts_per_epoch}; expected equal updates, e.g. a divisor of it")
     rng = training.start_processes(args, rollouts_per_epoch=args.rollouts_per_epoch,
                                    train_batch_size=args.train_batch_size,

@@ -1,4 +1,4 @@
-"""Training plumbing shared by the stages, eval.py and toy.py: the model flags and loader for both
+"""Training plumbing shared by the stages, eval.py and lab/commands.py: the model flags and loader for both
 worlds, command-line checks, the student and its EMA, checkpoints and the epoch bookkeeping, several
 processes (torchrun), and image grids. The method itself is in common.py.
 """
@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 import common
-import toy_model
+import loading
+import miniature.model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,13 +61,13 @@ def add_model_arguments(p):
 
 def load_model(path_or_id, device="cpu", dtype=torch.float32, text_encoder_3=True):
     """A ModelBundle from a diffusers StableDiffusion3Pipeline folder or hub id (T5 may be absent),
-    or from a miniature model folder (made by `toy.py pretrain`)."""
+    or from a miniature model folder (made by `python -m lab pretrain`)."""
     path = str(path_or_id)
     if os.path.isfile(os.path.join(path, "miniature.json")):
-        return toy_model.load_miniature(path, device, dtype)
+        return miniature.model.load_miniature(path, device, dtype)
     if os.path.isfile(os.path.join(path, "model_index.json")) or (not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path)):
-        return common.load_sd3(path, device, dtype, text_encoder_3)
-    raise common.UserError(f"cannot load model {path!r}: expected a miniature model folder (with miniature.json), "
+        return loading.load_sd3(path, device, dtype, text_encoder_3)
+    raise loading.UserError(f"cannot load model {path!r}: expected a miniature model folder (with miniature.json), "
                      f"a diffusers StableDiffusion3Pipeline folder (with model_index.json) or a hub id like "
                      f"'stabilityai/stable-diffusion-3.5-medium'")
 
@@ -81,14 +82,14 @@ def load_model_from_args(args):
         factor = bundle.resolution // bundle.latent_shape(bundle.resolution)[-1]
         patch = bundle.transformer.config.patch_size * factor
         if args.resolution <= 0 or args.resolution % patch:
-            raise common.UserError(f"--resolution {args.resolution} is not a positive multiple of {patch} (VAE factor "
+            raise loading.UserError(f"--resolution {args.resolution} is not a positive multiple of {patch} (VAE factor "
                              f"{factor} x patch size); expected e.g. {bundle.resolution}")
         bundle = dataclasses.replace(bundle, resolution=args.resolution)
     args.resolution = bundle.resolution
     args.lora_targets = tuple(args.lora_targets.split(",")) if args.lora_targets else bundle.defaults["lora_targets"]
     for flag in ("train_precision", "sample_precision", "eval_precision"):  # autocast off on bf16 weights = a dtype clash
         if getattr(args, flag) == "fp32" and dtype == "bfloat16":
-            raise common.UserError(f"--{flag.replace('_', '-')} fp32 needs fp32 base weights (the weights are bf16, the "
+            raise loading.UserError(f"--{flag.replace('_', '-')} fp32 needs fp32 base weights (the weights are bf16, the "
                              f"default on {args.device}); expected --model-dtype float32 with it")
     args.train_bf16 = (args.train_precision or ("bf16" if dtype == "bfloat16" else "fp32")) == "bf16"
     args.sample_bf16 = (args.sample_precision or ("bf16" if dtype == "bfloat16" or common.bf16_is_fast(args.device) else "fp32")) == "bf16"
@@ -120,10 +121,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return action.help if unset or not action.option_strings else f"{action.help} (default: %(default)s)"
 
 
-def parser(description):
+def parser(description, prog=None):
     """The ArgumentParser of every entry point: HelpFormatter, and a bad flag value reported like any
-    other user error (fail), in one line with exit status 2."""
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    other user error (fail), in one line with exit status 2. `prog`: the usage's program name when it is
+    not the script's file name (a package run with `python -m`)."""
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     p.error = fail
     return p
 
@@ -139,7 +141,7 @@ def run_cli(main):
     prints one line and exits 2; any other exception is a bug and keeps its traceback."""
     try:
         main()
-    except (common.UserError, FileNotFoundError) as err:
+    except (loading.UserError, FileNotFoundError) as err:
         fail(err)
 
 
@@ -183,30 +185,30 @@ def probability(text):
 # The student and its moving average
 
 
-def make_policy(transformer, rank=32, alpha=64, init=None, targets=common.FLOW_GRPO_LORA_TARGETS, extra_rank=0, extra_targets=()):
+def make_policy(transformer, rank=32, alpha=64, init=None, targets=loading.FLOW_GRPO_LORA_TARGETS, extra_rank=0, extra_targets=()):
     """A PeftModel with the trainable adapter "student" (a fresh LoRA, or the peft folder `init`, e.g. a Stage 2
     cold start, widened: widen_student) and "ema", its moving average (what is evaluated and published)."""
     if init:
         from peft import PeftModel
-        init = common.resolve_adapter(init)
+        init = loading.resolve_adapter(init)
         if not os.path.isfile(os.path.join(str(init), "adapter_config.json")):
             raise FileNotFoundError(f"initial adapter folder {str(init)!r} has no adapter_config.json; expected a "
                                     f"peft folder (e.g. a stage2_coldstart.py output)")
-        common.check_adapter_fits(transformer, init)
+        loading.check_adapter_fits(transformer, init)
         widen = bool(extra_rank or extra_targets)
         policy = PeftModel.from_pretrained(transformer, str(init), adapter_name="cold" if widen else "student", is_trainable=True)
         if widen:  # more capacity, the same start
             widen_student(policy, "cold", extra_rank, extra_targets)
     elif extra_rank or extra_targets:
-        raise common.UserError(f"extra rank {extra_rank} / extra targets {list(extra_targets)} widen an initial adapter; expected --init")
+        raise loading.UserError(f"extra rank {extra_rank} / extra targets {list(extra_targets)} widen an initial adapter; expected --init")
     else:
-        policy = common.add_lora(transformer, rank, alpha, targets)
+        policy = loading.add_lora(transformer, rank, alpha, targets)
     policy.add_adapter("ema", policy.peft_config["student"])
     params = dict(policy.named_parameters())
     with torch.no_grad():
         for name, value in lora_state(policy, "student").items():
             params[name.replace(".student.", ".ema.")].copy_(value)
-    common.freeze_all_but(policy, "student")
+    loading.freeze_all_but(policy, "student")
     return policy.eval()  # no dropout anywhere; and peft's mixed-adapter batches run in eval mode only
 
 
@@ -216,11 +218,11 @@ def widen_student(policy, source, extra_rank=0, extra_targets=()):
     have B = 0 (A as a fresh LoRA's), alpha grows with r (alpha / r kept); `source` is deleted."""
     config, names = policy.peft_config[source], [n for n, _ in policy.get_base_model().named_modules()]
     if config.use_rslora or config.rank_pattern or config.alpha_pattern:  # their scale is not alpha / r
-        raise common.UserError(f"--extra-rank / --extra-targets need a plain LoRA; the initial one has use_rslora="
+        raise loading.UserError(f"--extra-rank / --extra-targets need a plain LoRA; the initial one has use_rslora="
                                f"{config.use_rslora}, rank_pattern={config.rank_pattern}, alpha_pattern={config.alpha_pattern}")
     unknown = [t for t in extra_targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unknown:
-        raise common.UserError(f"extra LoRA targets {unknown} name no layer of this model; expected e.g. attn.add_k_proj")
+        raise loading.UserError(f"extra LoRA targets {unknown} name no layer of this model; expected e.g. attn.add_k_proj")
     policy.add_adapter("student", dataclasses.replace(
         config, r=config.r + extra_rank, lora_alpha=config.lora_alpha * (config.r + extra_rank) / config.r,
         init_lora_weights="gaussian", target_modules=sorted(set(config.target_modules) | set(extra_targets)),
@@ -302,7 +304,7 @@ def save_checkpoint(folder, policy, optimizer, epoch, rng, log):
                     "optimizer": optimizer.state_dict(), "epoch": epoch, "log": log, "python_rng": rng.getstate(),
                     "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()},
                    os.path.join(tmp, "state.pt"))
-    common.atomic_write_dir(os.path.join(folder, "checkpoint"), write)
+    loading.atomic_write_dir(os.path.join(folder, "checkpoint"), write)
 
 
 def load_checkpoint(folder, policy, optimizer, rng):
@@ -313,7 +315,7 @@ def load_checkpoint(folder, policy, optimizer, rng):
     saved = {name: value for adapter in state["adapters"].values() for name, value in adapter.items()}
     for name, value in saved.items():
         if name not in params or params[name].shape != value.shape:
-            raise common.UserError(f"checkpoint {folder}/checkpoint does not fit this model and LoRA: {name} "
+            raise loading.UserError(f"checkpoint {folder}/checkpoint does not fit this model and LoRA: {name} "
                              f"{tuple(value.shape)} vs {tuple(params[name].shape) if name in params else 'absent'}; "
                              f"expected the same --model, LoRA rank and targets (and --objective) as the run that wrote it")
     with torch.no_grad():
@@ -426,7 +428,7 @@ def end_epoch(args, record, log, policy, optimizer, rng, finite, bad_epochs, eva
 def finish_run(args, policy, what):
     """A stage's last step: the EMA adapter published as OUT/adapter (peft format) by the first process."""
     if args.rank == 0:
-        common.save_adapter(policy, "ema", os.path.join(args.out, "adapter"))
+        loading.save_adapter(policy, "ema", os.path.join(args.out, "adapter"))
         print(f"wrote {args.out}/adapter ({what}, peft format)")
     end_distributed(args)
 
@@ -446,7 +448,7 @@ def init_distributed(args):
             local_rank = int(os.environ.get("LOCAL_RANK", 0))
             gpus = torch.cuda.device_count()
             if local_rank >= gpus:
-                raise common.UserError(f"process {local_rank} of {os.environ.get('LOCAL_WORLD_SIZE')} on this machine has no GPU "
+                raise loading.UserError(f"process {local_rank} of {os.environ.get('LOCAL_WORLD_SIZE')} on this machine has no GPU "
                                  f"({gpus} visible); expected --nproc_per_node <= the GPU count, "
                                  f"or --device cpu")
             args.device = f"cuda:{local_rank}"
@@ -481,7 +483,7 @@ def check_divisible(args, **sizes):
     the single-process run takes, would differ)."""
     for flag, size in sizes.items():
         if size % args.world:
-            raise common.UserError(f"--{flag.replace('_', '-')} {size} does not split over {args.world} processes; "
+            raise loading.UserError(f"--{flag.replace('_', '-')} {size} does not split over {args.world} processes; "
                              f"expected a multiple of {args.world}")
 
 

@@ -1,6 +1,6 @@
 # produced by: python pipeline.py (every seed is 0)
 python stage1_grpo.py --model miniature/base --dataset dataset --reward geneval --objective nft --lr 3e-3 --nft-times 2 --ema 0.9 --nft-old-decay 0.5 --nft-old-ramp 20 --train-precision bf16 --prompts-per-epoch 32 --train-batch-size 64 --steps 6 --epochs 30 --eval-every 0 --out runs/teacher-geneval --resume
-python toy.py specialist --task ocr --model miniature/base --dataset dataset --steps 1200 --lr 1e-3 --out runs/teacher-ocr
+python -m lab specialist --task ocr --model miniature/base --dataset dataset --steps 1200 --lr 1e-3 --out runs/teacher-ocr
 python stage1_grpo.py --model miniature/base --dataset dataset --reward quality --sde-window 2 --lr 1e-3 --train-batch-size 16 --clip-range 1e-3 --ema 0.95 --epochs 12 --eval-every 0 --out runs/teacher-quality --resume
 python stage1_grpo.py --model miniature/base --dataset dataset --reward geneval=0.5,ocr=0.5 --mix sum --sde-window 2 --lr 1e-3 --train-batch-size 16 --clip-range 1e-3 --ema 0.95 --epochs 12 --eval-at 4,8 --out runs/grpo-mix --resume
 python stage1_grpo.py --model miniature/base --dataset dataset --reward geneval=0.5,ocr=0.5 --mix sum --objective nft --lr 3e-3 --nft-times 2 --ema 0.9 --nft-old-decay 0.5 --nft-old-ramp 20 --train-precision bf16 --prompts-per-epoch 32 --train-batch-size 64 --steps 6 --epochs 30 --eval-at 10,25 --out runs/nft-mix --resume

@@ -16,15 +16,15 @@ sys.path.insert(0, ROOT)
 SHIPPED_BASE = os.path.join(ROOT, "miniature", "base")
 
 import training  # noqa: E402
-import toy_model  # noqa: E402
+import miniature.model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A randomly initialised miniature model (small width), saved as a model folder."""
     folder = tmp_path_factory.mktemp("tiny") / "model"
-    transformer, text_encoder, tokenizer, scheduler = toy_model.build_model(width=64, depth=2, head_dim=32, text_width=64)
-    toy_model.save_model(str(folder), transformer, text_encoder, tokenizer, scheduler)
+    transformer, text_encoder, tokenizer, scheduler = miniature.model.build_model(width=64, depth=2, head_dim=32, text_width=64)
+    miniature.model.save_model(str(folder), transformer, text_encoder, tokenizer, scheduler)
     return str(folder)
 
 
@@ -47,12 +47,12 @@ def tiny_sd3_dir(tmp_path_factory):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("sd3") / "pipeline"
-    tokenizer = toy_model.build_tokenizer()
+    tokenizer = miniature.model.build_tokenizer()
 
     def clip():
         return CLIPTextModelWithProjection(CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=toy_model.MAX_TOKENS, projection_dim=16, eos_token_id=3))
+            num_attention_heads=2, max_position_embeddings=miniature.model.MAX_TOKENS, projection_dim=16, eos_token_id=3))
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                                         caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8)

@@ -17,7 +17,7 @@ import rewards
 import stage1_grpo as stage1
 import stage2_coldstart as stage2
 import stage3_opd as stage3
-import toy
+import lab.commands
 from conftest import ROOT, cli_error
 from test_stage3 import adapters, prompt_files, stage3_args  # noqa: F401 (fixtures)
 
@@ -35,7 +35,7 @@ def test_every_flag_of_every_project_file_has_help():
 @pytest.mark.parametrize("main, argv, flag", [
     (stage1.main, [], "--nft-old-ramp"), (stage2.main, [], "--svd-rank"), (stage3.main, [], "--mar-lambda"),
     (evaluation.main, [], "--samples-per-prompt"), (pipeline.main, [], "--quick"),
-    (toy.main, ["specialist"], "--caption-dropout")])
+    (lab.commands.main, ["specialist"], "--caption-dropout")])
 def test_help_documents_the_flags_with_their_defaults(main, argv, flag, capsys):
     with pytest.raises(SystemExit) as stop:
         main([*argv, "--help"])
@@ -61,7 +61,7 @@ def test_bad_inputs_are_one_line_and_status_2(tiny_model_dir, adapters, prompt_f
         "--train-prompts", "", teachers=f"geneval={adapters['geneval']},style={adapters['ocr']}")
     assert "routes to task 'ocr', but the teachers are ['geneval']" in stage3_error(teachers=f"geneval={adapters['geneval']}")
     assert "'0' is not a positive integer" in cli_error(evaluation.main, ["--samples-per-prompt", "0"], capsys)
-    assert "unknown task 'style'" in cli_error(toy.main, ["specialist", "--task", "style", "--out", str(tmp_path)], capsys)
+    assert "unknown task 'style'" in cli_error(lab.commands.main, ["specialist", "--task", "style", "--out", str(tmp_path)], capsys)
     post = rewards.server_client("http://127.0.0.1:9", timeout=0.5, retries=0)  # nothing listens on port 9
     assert "reward server http://127.0.0.1:9 failed 1 times" in cli_error(lambda argv: post({"images": []}), [], capsys)
     assert not os.path.exists(tmp_path / "run" / "adapter")  # no bad input wrote a result

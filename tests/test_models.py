@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import common
+import loading
 import training
-import toy_model
-import toy_world
+import miniature.model
+import miniature.world
 import eval as evaluation
 from conftest import SHIPPED_BASE
 
@@ -29,7 +30,7 @@ def test_bundle_save_then_load_gives_identical_outputs(tiny_model_dir, tmp_path)
     from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerFast
     text_encoder = CLIPTextModelWithProjection.from_pretrained(os.path.join(tiny_model_dir, "text_encoder"))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(tiny_model_dir, "tokenizer"))
-    toy_model.save_model(str(tmp_path / "copy"), transformer, text_encoder, tokenizer, first.scheduler)
+    miniature.model.save_model(str(tmp_path / "copy"), transformer, text_encoder, tokenizer, first.scheduler)
     second = training.load_model(str(tmp_path / "copy"))
     assert torch.equal(_velocity(first), _velocity(second))
     for a, b in zip(first.encode(["a photo of two squares"]), second.encode(["a photo of two squares"])):
@@ -41,14 +42,14 @@ def test_save_model_is_atomic_over_an_existing_folder(tiny_model_dir, tmp_path, 
     b = training.load_model(tiny_model_dir)
     from transformers import CLIPTextModelWithProjection
     text_encoder = CLIPTextModelWithProjection.from_pretrained(os.path.join(tiny_model_dir, "text_encoder"))
-    toy_model.save_model(str(target), b.transformer, text_encoder, toy_model.build_tokenizer(), b.scheduler)
+    miniature.model.save_model(str(target), b.transformer, text_encoder, miniature.model.build_tokenizer(), b.scheduler)
     before = sorted(os.listdir(target))
 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
     monkeypatch.setattr(b.scheduler, "save_pretrained", crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        toy_model.save_model(str(target), b.transformer, text_encoder, toy_model.build_tokenizer(), b.scheduler)
+        miniature.model.save_model(str(target), b.transformer, text_encoder, miniature.model.build_tokenizer(), b.scheduler)
     assert sorted(os.listdir(target)) == before
     assert training.load_model(str(target)).kind == "miniature"
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
@@ -65,7 +66,7 @@ def test_shipped_base_loads_and_generates():
     assert images.float().std() > 25  # a picture, not a flat field
     with open(os.path.join(SHIPPED_BASE, "README.md")) as f:
         card = f.read()
-    assert "python toy.py pretrain" in card and "geneval_acc" in card
+    assert "python -m lab pretrain" in card and "geneval_acc" in card
 
 
 def test_unknown_model_folder_is_a_clear_error(tmp_path):
@@ -89,12 +90,12 @@ def _randomise(peft_model, name, seed):
 def test_lora_student_teachers_switching_disabling_and_saving(tiny_model_dir, tmp_path):
     bundle = training.load_model(tiny_model_dir)
     base_v = _velocity(bundle)
-    model = common.add_lora(bundle.transformer, rank=4, alpha=8)
+    model = loading.add_lora(bundle.transformer, rank=4, alpha=8)
     assert torch.equal(_velocity(bundle, model), base_v)  # fresh LoRA: B = 0
     _randomise(model, "student", 0)
     student_v = _velocity(bundle, model)
     assert not torch.allclose(student_v, base_v)
-    common.save_adapter(model, "student", str(tmp_path / "teacher"))
+    loading.save_adapter(model, "student", str(tmp_path / "teacher"))
     files = sorted(os.listdir(tmp_path / "teacher"))
     assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"] or \
         {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
@@ -102,13 +103,13 @@ def test_lora_student_teachers_switching_disabling_and_saving(tiny_model_dir, tm
         assert json.load(f)["r"] == 4
 
     _randomise(model, "student", 1)  # the student moves on; the saved copy is now a "teacher"
-    common.load_adapter(model, str(tmp_path / "teacher"), "geneval")
+    loading.load_adapter(model, str(tmp_path / "teacher"), "geneval")
     assert model.active_adapter == "student"
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".student." in n for n in trainable)
-    with torch.no_grad(), common.use_adapter(model, "geneval"):
+    with torch.no_grad(), loading.use_adapter(model, "geneval"):
         teacher_v = _velocity(bundle, model)
-    with torch.no_grad(), common.use_adapter(model, None):
+    with torch.no_grad(), loading.use_adapter(model, None):
         disabled_v = _velocity(bundle, model)
     assert torch.equal(teacher_v, student_v)  # the teacher is exactly the saved adapter
     assert torch.equal(disabled_v, base_v)  # adapters disabled = the base model
@@ -117,7 +118,7 @@ def test_lora_student_teachers_switching_disabling_and_saving(tiny_model_dir, tm
     assert not torch.allclose(_velocity(bundle, model), teacher_v)
 
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
-        common.load_adapter(model, str(tmp_path / "missing"), "ocr")
+        loading.load_adapter(model, str(tmp_path / "missing"), "ocr")
 
 
 def test_sd3_pipeline_folder_loads_as_a_bundle_and_samples(tiny_sd3_dir):
@@ -133,26 +134,26 @@ def test_sd3_pipeline_folder_loads_as_a_bundle_and_samples(tiny_sd3_dir):
 
 
 def test_pca_latent_decodes_near_exactly_so_scorers_read_decoded_renders():
-    codec = toy_model.fit_pca_codec(n_images=512)
-    items = toy_world.test_items()
+    codec = miniature.model.fit_pca_codec(n_images=512)
+    items = miniature.world.test_items()
     rng = __import__("random").Random(1)
-    pixels = torch.from_numpy(np.stack([np.asarray(toy_world.render(p, m, rng)) for p, m in items]))
+    pixels = torch.from_numpy(np.stack([np.asarray(miniature.world.render(p, m, rng)) for p, m in items]))
     pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
-    latents = toy_model.pca_encode(pixels, codec)
+    latents = miniature.model.pca_encode(pixels, codec)
     assert latents.shape == (len(items), 12, 16, 16)
     assert abs(latents.std().item() - 1) < 0.15  # about unit scale, like a VAE's scaling_factor
-    decoded = toy_model.pixels_to_images(toy_model.pca_decode(latents, codec))
-    scores = toy_world.score(decoded, [p for p, _ in items], [m for _, m in items])
+    decoded = miniature.model.pixels_to_images(miniature.model.pca_decode(latents, codec))
+    scores = miniature.world.score(decoded, [p for p, _ in items], [m for _, m in items])
     assert np.nanmean(scores["geneval_acc"]) >= 0.95 and np.nanmean(scores["ocr"]) >= 0.95
     # exact on the span of the components: encode(decode(z)) == z
-    torch.testing.assert_close(toy_model.pca_encode(toy_model.pca_decode(latents, codec), codec), latents,
+    torch.testing.assert_close(miniature.model.pca_encode(miniature.model.pca_decode(latents, codec), codec), latents,
                                rtol=1e-4, atol=1e-4)
 
 
 def test_adapter_from_another_base_is_a_clear_error(tiny_model_dir, tiny_sd3_dir, tmp_path):
     other = training.load_model(tiny_sd3_dir)
-    other_model = common.add_lora(other.transformer, rank=4, alpha=8)
-    common.save_adapter(other_model, "student", str(tmp_path / "sd3_adapter"))
-    model = common.add_lora(training.load_model(tiny_model_dir).transformer, rank=4, alpha=8)
+    other_model = loading.add_lora(other.transformer, rank=4, alpha=8)
+    loading.save_adapter(other_model, "student", str(tmp_path / "sd3_adapter"))
+    model = loading.add_lora(training.load_model(tiny_model_dir).transformer, rank=4, alpha=8)
     with pytest.raises(ValueError, match="does not fit this base model.*expected an adapter trained on this base"):
-        common.load_adapter(model, str(tmp_path / "sd3_adapter"), "teacher")
+        loading.load_adapter(model, str(tmp_path / "sd3_adapter"), "teacher")

@@ -12,7 +12,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import common
+import loading
 import eval as evaluation
 import rewards
 import training
@@ -81,7 +81,7 @@ def test_jpegs_for_the_servers_use_pil_default_quality_like_flow_grpo():
 
 def test_no_t5_embeddings_equal_diffusers_no_t5_encode_prompt(tiny_sd3_dir):
     from diffusers import StableDiffusion3Pipeline
-    bundle = common.load_sd3(tiny_sd3_dir, text_encoder_3=False)
+    bundle = loading.load_sd3(tiny_sd3_dir, text_encoder_3=False)
     prompts = ["a photo of a circle", 'a sign that says "K7"']
     embeds, pooled = bundle.encode(prompts)
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, text_encoder_3=None, tokenizer_3=None)
@@ -193,13 +193,13 @@ def test_a_pickscore_teacher_trains_on_its_prompt_set_and_the_router_sends_it_it
     stage1_grpo.main([*shared, "--reward", "pickscore", "--prompts-per-epoch", "2", "--group-size", "2",
                       "--out", str(tmp_path / "teacher-pickscore")])
     assert np.isfinite(json.loads(open(tmp_path / "teacher-pickscore" / "log.jsonl").readlines()[-1])["reward_pickscore"])
-    grouped = common.prompts_by_task("", ["geneval", "pickscore"], str(dataset), "train")
+    grouped = loading.prompts_by_task("", ["geneval", "pickscore"], str(dataset), "train")
     assert [p for p, _ in grouped["pickscore"]] == ["a cat in a garden", "a red car at night"]  # no "task" key in the file
     assert [p for p, _ in grouped["geneval"]] == ["a photo of a circle"]
     given = f"geneval={dataset}/geneval/train_metadata.jsonl,pickscore={dataset}/pickscore/train.txt"
-    assert common.prompts_by_task(given, ["geneval", "pickscore"], str(dataset), "train") == grouped
+    assert loading.prompts_by_task(given, ["geneval", "pickscore"], str(dataset), "train") == grouped
     with pytest.raises(ValueError, match=r"no train prompt routes to task\(s\) \['pickscore'\].*label it, task=path"):
-        common.prompts_by_task(f"{dataset}/pickscore/train.txt", ["geneval", "pickscore"], str(dataset), "train")
+        loading.prompts_by_task(f"{dataset}/pickscore/train.txt", ["geneval", "pickscore"], str(dataset), "train")
     teachers = f"geneval={published_teacher(tiny_sd3_dir, tmp_path / 'geneval', 1)},pickscore={tmp_path / 'teacher-pickscore' / 'adapter'}"
     stage3_opd.main([*shared, "--teachers", teachers, "--rollouts-per-epoch", "4", "--train-batch-size", "2",
                      "--eval-rewards", "pickscore", "--out", str(tmp_path / "opd")])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import loading
 import eval as evaluation
 import stage1_grpo
 import stage2_coldstart
@@ -35,7 +36,7 @@ def published_teacher(model_dir, folder, seed):
     (Gaussian init, alpha = 2 r) on SD3's 8 joint-attention projections, B non-zero."""
     from peft import LoraConfig, get_peft_model
     bundle = training.load_model(model_dir)
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=list(common.FLOW_GRPO_LORA_TARGETS))
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=list(loading.FLOW_GRPO_LORA_TARGETS))
     model = get_peft_model(bundle.transformer, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -70,7 +71,7 @@ def test_every_stage_and_eval_run_on_a_tiny_sd3_pipeline_with_a_published_teache
                       "2", "--eval-every", "1", "--gradient-checkpointing", "--out", str(run / "teacher-ocr")])
     log = [json.loads(line) for line in open(run / "teacher-ocr" / "log.jsonl")]
     assert set(log[0]["eval"]) >= {"ocr", "pickscore"} and np.isfinite(log[-1]["reward_pickscore"])
-    assert common.adapter_layout(str(run / "teacher-ocr" / "adapter"))[2] == sorted(common.FLOW_GRPO_LORA_TARGETS)
+    assert loading.adapter_layout(str(run / "teacher-ocr" / "adapter"))[2] == sorted(loading.FLOW_GRPO_LORA_TARGETS)
     teachers = f"geneval={HUB_ID},ocr={run / 'teacher-ocr' / 'adapter'}"  # the published layout, by hub id
     stage2_coldstart.main(["merge", *shared, "--teachers", teachers, "--out", str(run / "merge")])
     stage2_coldstart.main(["sft", *shared, "--teachers", teachers, "--train-prompts", real_prompts, "--samples-per-task",
@@ -101,7 +102,7 @@ def test_hub_id_teacher_equals_the_same_folder_loaded_by_path(tiny_sd3_dir, hub_
     other = training.load_model(tiny_sd3_dir)
     by_path = evaluation.load_adapters(other.transformer, [("teacher", hub_cache)])
     torch.testing.assert_close(v_id, common.velocity(by_path, x, 0.6, embeds, pooled), rtol=0, atol=0)
-    with common.use_adapter(by_id, None):
+    with loading.use_adapter(by_id, None):
         assert (v_id - common.velocity(by_id, x, 0.6, embeds, pooled)).abs().max() > 1e-3
 
 
@@ -110,9 +111,9 @@ def test_an_uncached_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on our machines: no hub
     with pytest.raises(FileNotFoundError, match="'nobody/no-such-teacher' is not a local folder and could not be fetched"):
-        common.parse_teachers("geneval=nobody/no-such-teacher")
+        loading.parse_teachers("geneval=nobody/no-such-teacher")
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
-        common.parse_teachers("geneval=/no/such/folder")
+        loading.parse_teachers("geneval=/no/such/folder")
 
 
 def test_stage_adapter_loads_with_diffusers_load_lora_weights_and_gives_the_same_output(tiny_sd3_dir, tmp_path):
@@ -123,7 +124,7 @@ def test_stage_adapter_loads_with_diffusers_load_lora_weights_and_gives_the_same
         for name, param in policy.named_parameters():
             if ".student." in name and "lora_B" in name:
                 param.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
-    common.save_adapter(policy, "student", str(tmp_path / "adapter"))
+    loading.save_adapter(policy, "student", str(tmp_path / "adapter"))
     ours = evaluation.load_adapters(training.load_model(tiny_sd3_dir).transformer, [("a", str(tmp_path / "adapter"))])
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, text_encoder_3=None, tokenizer_3=None)
     base_latents = pipe("a red circle", num_inference_steps=3, guidance_scale=4.5, output_type="latent",

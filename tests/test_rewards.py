@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import loading
 import rewards
 
 
@@ -116,30 +116,30 @@ def test_server_errors_timeouts_redirects_and_unreachable_give_clear_errors():
     server = _Server(lambda request, n: (500, b"boom"))
     try:
         post = rewards.server_client(server.url, timeout=5, retries=2, backoff=0.01)
-        with pytest.raises(common.UserError, match=r"failed 3 times \(last: HTTP 500"):
+        with pytest.raises(loading.UserError, match=r"failed 3 times \(last: HTTP 500"):
             post({"images": []})
         assert len(server.requests) == 3
     finally:
         server.close()
     slow = _Server(lambda request, n: (time.sleep(1.5), (200, pickle.dumps({"outputs": []})))[1])
     try:
-        with pytest.raises(common.UserError, match="failed 2 times .*timeout 0.3 s"):
+        with pytest.raises(loading.UserError, match="failed 2 times .*timeout 0.3 s"):
             rewards.server_client(slow.url, timeout=0.3, retries=1, backoff=0.01)({"images": []})
     finally:
         slow.close()
     moved = _Server(lambda request, n: (302, b""))
     try:
-        with pytest.raises(common.UserError, match="HTTP 302"):
+        with pytest.raises(loading.UserError, match="HTTP 302"):
             rewards.server_client(moved.url, timeout=5, retries=0)({"images": []})
     finally:
         moved.close()
     bad = _Server(lambda request, n: (200, pickle.dumps({"wrong": 1})))
     try:
-        with pytest.raises(common.UserError, match="no 1 numbers under 'outputs'"):
+        with pytest.raises(loading.UserError, match="no 1 numbers under 'outputs'"):
             rewards.deqa_server_scorer(rewards.server_client(bad.url, timeout=5, retries=0))(torch.rand(1, 3, 8, 8), ["a"], [None])
     finally:
         bad.close()
-    with pytest.raises(common.UserError, match="is the server running"):
+    with pytest.raises(loading.UserError, match="is the server running"):
         rewards.server_client("http://127.0.0.1:9", timeout=1, retries=0)({"images": []})
     with pytest.raises(ValueError, match="must start with http"):
         rewards.server_client("127.0.0.1:18085")

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import common
+import loading
 import rewards
 import stage1_grpo as stage1
 from conftest import cli_error
 import training
-import toy_world
+import miniature.world
 
 
 def test_group_advantages_per_prompt_mean_global_std():
@@ -70,7 +71,7 @@ def test_evaluation_schedule_every_k_or_at_named_epochs():
 def prompt_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("prompts")
     train, test = folder / "train_metadata.jsonl", folder / "test_metadata.jsonl"
-    items = toy_world.all_geneval_items("colors") + toy_world.all_geneval_items("counting")
+    items = miniature.world.all_geneval_items("colors") + miniature.world.all_geneval_items("counting")
     random.Random(0).shuffle(items)
     train.write_text("".join(json.dumps(m) + "\n" for m in items[:12]))
     test.write_text("".join(json.dumps(m) + "\n" for m in items[12:16]))
@@ -100,13 +101,13 @@ def check_one_tiny_epoch(args, bundle, prompt_files):
     """One epoch by hand: the first update recomputes the rollout's log-probs bit for bit (ratio 1), the
     second chunk is off-policy, and only LoRA weights change. Returns the policy."""
     base = {n: p.detach().clone() for n, p in bundle.transformer.named_parameters()}
-    policy = common.add_lora(bundle.transformer, 4, 8)
+    policy = loading.add_lora(bundle.transformer, 4, 8)
     with torch.no_grad():
         for n, p in policy.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.01)  # a non-trivial policy
     lora_before = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
-    items = common.load_prompts(prompt_files[0])
+    items = loading.load_prompts(prompt_files[0])
     batch = stage1.sample_epoch(policy, bundle, items, args.rewards, args, random.Random(0), seed=0)
     reward, advantages, informative = stage1.advantages_of(batch, args.rewards, "sum")
     assert batch["states"].shape[:2] == (8, 4) and batch["log_probs"].shape == (8, 3)
@@ -203,7 +204,7 @@ def test_sde_window_shares_a_group_start_and_trains_only_window_steps(tiny_model
     args.score, args.eval_rewards = rewards.from_args(args, bundle)
     args.guidance, args.negative = 4.5, bundle.encode([""])
     policy = training.make_policy(bundle.transformer, 4, 8)
-    batch = stage1.sample_epoch(policy, bundle, common.load_prompts(prompt_files[0]), args.rewards, args,
+    batch = stage1.sample_epoch(policy, bundle, loading.load_prompts(prompt_files[0]), args.rewards, args,
                                 random.Random(0), seed=0)
     (j,) = batch["trained_steps"]
     assert 0 <= j < 2  # the window lies in the first half
@@ -250,7 +251,7 @@ def test_nft_epoch_fits_the_velocity_of_its_guidance(tiny_model_dir, guidance):
     bundle = training.load_model(tiny_model_dir)
     policy = training.make_policy(bundle.transformer, rank=4, alpha=8)
     policy.add_adapter("old", policy.peft_config["student"])
-    common.freeze_all_but(policy, "student")
+    loading.freeze_all_but(policy, "student")
     embeds, pooled = bundle.encode(["a red circle", "a blue square"])
     x0 = torch.randn(2, *bundle.latent_shape(bundle.resolution), generator=torch.Generator().manual_seed(1))
     negative = bundle.encode([""])
@@ -263,7 +264,7 @@ def test_nft_epoch_fits_the_velocity_of_its_guidance(tiny_model_dir, guidance):
     torch.manual_seed(0)  # the same training times and noise as the epoch drew
     sigma = common.training_sigmas(2, 3.0)
     noise = torch.randn_like(x0)
-    with torch.no_grad(), common.use_adapter(policy, "old"):
+    with torch.no_grad(), loading.use_adapter(policy, "old"):
         v_old = common.velocity(policy, common.forward_noise(x0, sigma, noise), sigma, embeds, pooled, guidance, negative)
     assert stats["updates"] == 1
     assert stats["loss"] == pytest.approx(((v_old - (noise - x0)) ** 2).flatten(1).mean(1).mean().item(), rel=1e-5)
@@ -318,8 +319,8 @@ def test_nft_mix_trains_on_the_mixed_reward(tiny_model_dir, tmp_path, monkeypatc
     (a reward that does not judge a prompt counts 0), with group advantages of that sum."""
     folder = tmp_path / "prompts"
     folder.mkdir()
-    (folder / "g.jsonl").write_text("".join(json.dumps(m) + "\n" for m in toy_world.all_geneval_items("colors")[:2]))
-    (folder / "o.txt").write_text(toy_world.ocr_prompt("AB") + "\n" + toy_world.ocr_prompt("KEY") + "\n")
+    (folder / "g.jsonl").write_text("".join(json.dumps(m) + "\n" for m in miniature.world.all_geneval_items("colors")[:2]))
+    (folder / "o.txt").write_text(miniature.world.ocr_prompt("AB") + "\n" + miniature.world.ocr_prompt("KEY") + "\n")
     seen = {}
     sample, train = stage1.sample_epoch, stage1.train_nft_epoch
 

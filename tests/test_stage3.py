@@ -11,23 +11,24 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import loading
 import eval as evaluation
 import stage2_coldstart as stage2
 import stage3_opd as stage3
 import training
-import toy_world
+import miniature.world
 
 
 def random_adapter(model_dir, folder, seed, rank=4, targets=("to_q", "to_k", "to_v", "to_out.0")):
     """A peft folder with random A and B (a 'trained' adapter) on the tiny base."""
     torch.manual_seed(seed)
     bundle = training.load_model(model_dir)
-    peft = common.add_lora(bundle.transformer, rank, 2 * rank, targets)
+    peft = loading.add_lora(bundle.transformer, rank, 2 * rank, targets)
     with torch.no_grad():
         for name, param in peft.named_parameters():
             if "lora_" in name:
                 param.normal_(0, 0.05)
-    common.save_adapter(peft, "student", str(folder))
+    loading.save_adapter(peft, "student", str(folder))
     return str(folder)
 
 
@@ -45,12 +46,12 @@ def adapters(tiny_model_dir, tmp_path_factory):
 def prompt_files(tmp_path_factory):
     """{"train": "geneval.jsonl,ocr.txt", "test": ...}: small prompt files of both tasks."""
     folder = tmp_path_factory.mktemp("prompts")
-    items = toy_world.all_geneval_items("colors") + toy_world.all_geneval_items("position")
+    items = miniature.world.all_geneval_items("colors") + miniature.world.all_geneval_items("position")
     random.Random(0).shuffle(items)
     files = {}
     for split, part, words in (("train", items[:12], ("AB", "KEY", "TEA", "RED")), ("test", items[12:14], ("AB", "YE"))):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(m) + "\n" for m in part))
-        (folder / f"{split}.txt").write_text("".join(toy_world.ocr_prompt(w) + "\n" for w in words))
+        (folder / f"{split}.txt").write_text("".join(miniature.world.ocr_prompt(w) + "\n" for w in words))
         files[split] = f"{folder / f'{split}.jsonl'},{folder / f'{split}.txt'}"
     return files
 
@@ -71,7 +72,7 @@ def teacher_deltas(tiny_model_dir, adapters, weights):
     from peft import PeftModel
     bundle = training.load_model(tiny_model_dir)
     peft = PeftModel.from_pretrained(bundle.transformer, adapters["geneval"], adapter_name="geneval")
-    common.load_adapter(peft, adapters["ocr"], "ocr")
+    loading.load_adapter(peft, adapters["ocr"], "ocr")
     g, o = delta_weights(peft, "geneval"), delta_weights(peft, "ocr")
     return {name: weights[0] * g[name] + weights[1] * o[name] for name in g}
 
@@ -99,8 +100,8 @@ def test_merge_rules_against_the_dense_weighted_delta_sum(tiny_model_dir, adapte
 
 def test_merge_search_scores_candidates_on_training_prompts_only(tiny_model_dir, adapters, prompt_files, tmp_path,
                                                                  monkeypatch):
-    read, load = [], common.load_prompts
-    monkeypatch.setattr(common, "load_prompts", lambda path: read.append(path) or load(path))
+    read, load = [], loading.load_prompts
+    monkeypatch.setattr(loading, "load_prompts", lambda path: read.append(path) or load(path))
     teachers = f"geneval={adapters['geneval']},ocr={adapters['ocr']}"
     stage2.main(["search", "--model", tiny_model_dir, "--teachers", teachers, "--train-prompts", prompt_files["train"],
                  "--candidates", "delta:0.5,0.5;delta:1,1;ties:1,1", "--val-per-task", "3", "--out", str(tmp_path / "s")])
@@ -146,10 +147,10 @@ def test_unequal_rank_teachers_and_anchor_merge_and_run_in_one_mixed_batch(tiny_
     with torch.no_grad():
         mixed = common.velocity(policy, x, 0.5, embeds, pooled, adapter_names=rows)
         for i, name in enumerate(rows):
-            with common.use_adapter(policy, name):
+            with loading.use_adapter(policy, name):
                 alone = common.velocity(policy, x[i:i + 1], 0.5, embeds[i:i + 1], pooled[i:i + 1])
             torch.testing.assert_close(mixed[i:i + 1], alone, rtol=1e-5, atol=1e-6)
-        with common.use_adapter(policy, None):
+        with loading.use_adapter(policy, None):
             assert not torch.allclose(mixed[2:], common.velocity(policy, x[2:], 0.5, embeds[2:], pooled[2:]))
 
 
@@ -212,13 +213,13 @@ def test_mixed_batch_teacher_and_anchor_velocities_equal_each_adapter_alone(tiny
     for i, route in enumerate(batch["routes"]):
         one = dict(x=x[i:i + 1], sigma=sigma, embeds=batch["embeds"][i:i + 1], pooled=batch["pooled"][i:i + 1],
                    guidance_scale=scales[i], negative=args.negative)
-        with torch.no_grad(), common.use_adapter(policy, teacher_of[route]):
+        with torch.no_grad(), loading.use_adapter(policy, teacher_of[route]):
             alone = common.velocity(policy, **one)
         torch.testing.assert_close(v_teacher[i, j], alone[0], atol=1e-5, rtol=1e-5)
-        with torch.no_grad(), common.use_adapter(policy, None if anchor == "base" else "anchor"):
+        with torch.no_grad(), loading.use_adapter(policy, None if anchor == "base" else "anchor"):
             anchor_alone = common.velocity(policy, **one)
         torch.testing.assert_close(v_anchor[i, j], anchor_alone[0], atol=1e-5, rtol=1e-5)
-        with torch.no_grad(), common.use_adapter(policy, "student"), common.autocast(x.device, True):
+        with torch.no_grad(), loading.use_adapter(policy, "student"), common.autocast(x.device, True):
             sampler = common.velocity(policy, **{**one, "x": batch["states"][i:i + 1, 0], "sigma": batch["sigmas"][0]})
         torch.testing.assert_close(batch["velocities"][i, 0], sampler[0].float(), atol=2e-2, rtol=2e-2)  # at its scale
     assert not torch.allclose(v_teacher[0, j], v_anchor[0, j], atol=1e-3)  # the adapters do differ
@@ -298,10 +299,10 @@ def test_merged_sampling_matches_the_adapter_and_restores_the_base_bit_for_bit(t
         with context(model, name):
             return evaluation.sample_images(sampler, prompts, list(range(len(prompts))), 4, 4.5, bf16=False).int()
     for name in ("a", "b", None):
-        merged, unmerged = images(evaluation.adapter_for_sampling, name), images(common.use_adapter, name)
+        merged, unmerged = images(evaluation.adapter_for_sampling, name), images(loading.use_adapter, name)
         assert (merged - unmerged).abs().max() <= 1 and (merged != unmerged).float().mean() < 0.01
         assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
-    assert not torch.equal(images(common.use_adapter, "a"), images(common.use_adapter, "b"))
+    assert not torch.equal(images(loading.use_adapter, "a"), images(loading.use_adapter, "b"))
 
 
 @pytest.mark.parametrize("mar_kl_weighting", [None, "paper"])
@@ -380,7 +381,7 @@ def test_task_shares_draw_exact_counts_and_the_default_keeps_its_random_stream()
     for text, match in [("geneval=2", "expected one number for each training task"),
                         ("geneval=0,ocr=0", "all zero"), ("geneval=-1,ocr=1", "is -1.0; expected a number >= 0"),
                         ("geneval=two,ocr=1", "'two' of 'geneval' in --task-shares")]:
-        with pytest.raises(common.UserError, match=match):
+        with pytest.raises(loading.UserError, match=match):
             stage3.parse_task_shares(text, items)
 
 
@@ -396,7 +397,7 @@ def test_stage3_bad_input_is_a_clear_error(tiny_model_dir, adapters, prompt_file
         run(teachers=f"geneval={adapters['geneval']}")
     with pytest.raises(SystemExit):
         run("--mar-lambda", "-1")
-    with pytest.raises(common.UserError, match="--guidance 'geneval=1' names \\['geneval'\\]; expected one number for each"):
+    with pytest.raises(loading.UserError, match="--guidance 'geneval=1' names \\['geneval'\\]; expected one number for each"):
         run("--guidance", "geneval=1")
 
 

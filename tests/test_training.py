@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import common
+import loading
 import training
 
 
@@ -60,12 +60,12 @@ def test_set_epoch_lr_sets_every_group_of_the_optimizer():
 
 def test_widened_student_starts_as_its_init_and_trains_its_new_components(tiny_model_dir, tmp_path):
     bundle = training.load_model(tiny_model_dir)
-    cold = common.add_lora(bundle.transformer, 4, 8, ("to_q", "to_k", "to_v", "to_out.0"), name="student")
+    cold = loading.add_lora(bundle.transformer, 4, 8, ("to_q", "to_k", "to_v", "to_out.0"), name="student")
     with torch.no_grad():
         for name, p in cold.named_parameters():
             if ".lora_B." in name:
                 p.normal_(0, 0.1)  # a non-zero function, like a cold start's
-    common.save_adapter(cold, "student", str(tmp_path / "cold"))
+    loading.save_adapter(cold, "student", str(tmp_path / "cold"))
     x = torch.randn(2, *bundle.latent_shape(bundle.resolution))
     embeds, pooled = bundle.encode(["a red circle", "a blue square"])
     t = torch.tensor([500.0, 200.0])
@@ -89,8 +89,8 @@ def test_widened_student_starts_as_its_init_and_trains_its_new_components(tiny_m
     out = wide(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t).sample
     out.square().mean().backward()
     assert b.grad[:, 4:].abs().sum() > 0 and new_b.grad.abs().sum() > 0  # the new components and layers learn
-    with pytest.raises(common.UserError, match=r"extra rank 3 .* expected --init"):
+    with pytest.raises(loading.UserError, match=r"extra rank 3 .* expected --init"):
         training.make_policy(training.load_model(tiny_model_dir).transformer, 4, 8, extra_rank=3)
-    with pytest.raises(common.UserError, match=r"\['attn.no_such_proj'\] name no layer"):
+    with pytest.raises(loading.UserError, match=r"\['attn.no_such_proj'\] name no layer"):
         training.make_policy(training.load_model(tiny_model_dir).transformer, init=str(tmp_path / "cold"),
                              extra_targets=("attn.no_such_proj",))

@@ -6,24 +6,25 @@ import numpy as np
 import pytest
 
 import common
-import toy_model
-import toy_world
+import loading
+import miniature.model
+import miniature.world
 
 
 @pytest.fixture(scope="module")
 def test_split():
-    return toy_world.test_items()
+    return miniature.world.test_items()
 
 
 def renders(items, seed=0):
     rng = random.Random(seed)
-    return [toy_world.render(p, m, rng) for p, m in items]
+    return [miniature.world.render(p, m, rng) for p, m in items]
 
 
 def test_ground_truth_renders_score_high_on_geneval_and_ocr(test_split):
     items = test_split * 2
     images = renders(items)
-    scores = toy_world.score(images, [p for p, _ in items], [m for _, m in items])
+    scores = miniature.world.score(images, [p for p, _ in items], [m for _, m in items])
     geneval = ~np.isnan(scores["geneval"])
     assert geneval.sum() == 192 and np.isnan(scores["geneval"][~geneval]).all()
     assert scores["geneval_acc"][geneval].mean() >= 0.95
@@ -36,8 +37,8 @@ def test_ground_truth_renders_score_high_on_geneval_and_ocr(test_split):
 def _score_as(rendered_prompt, scored_prompt, seed=0):
     """The scores of a correct render of one prompt when it is judged as another."""
     rng = random.Random(seed)
-    images = [toy_world.render(rendered_prompt, None, rng) for _ in range(8)]
-    return toy_world.score(images, [scored_prompt] * 8)
+    images = [miniature.world.render(rendered_prompt, None, rng) for _ in range(8)]
+    return miniature.world.score(images, [scored_prompt] * 8)
 
 
 @pytest.mark.parametrize("rendered, asked", [
@@ -73,18 +74,18 @@ def test_wrong_text_scores_low_on_ocr():
 
 
 def test_ocr_reward_formula():
-    assert toy_world.ocr_reward("hello K7 there", 'a sign that says "k 7"') == 1.0  # substring, case/space-free
-    assert toy_world.ocr_reward("K8", 'a sign that says "K7"') == 0.5
-    assert toy_world.ocr_reward("", 'a sign that says "K7X"') == 0.0
-    assert toy_world.ocr_reward("ABCDEFG", 'a sign that says "X"') == 0.0  # distance capped at len(target)
+    assert miniature.world.ocr_reward("hello K7 there", 'a sign that says "k 7"') == 1.0  # substring, case/space-free
+    assert miniature.world.ocr_reward("K8", 'a sign that says "K7"') == 0.5
+    assert miniature.world.ocr_reward("", 'a sign that says "K7X"') == 0.0
+    assert miniature.world.ocr_reward("ABCDEFG", 'a sign that says "X"') == 0.0  # distance capped at len(target)
 
 
 def test_quality_prefers_clean_scenes_to_noise_blur_and_blank():
-    image = np.asarray(toy_world.render("a photo of a red circle and a blue square", None, random.Random(0)))
+    image = np.asarray(miniature.world.render("a photo of a red circle and a blue square", None, random.Random(0)))
     noisy = np.clip(image + np.random.default_rng(0).normal(0, 40, image.shape), 0, 255).astype(np.uint8)
     muddy = (0.5 * image + 0.5 * 128).astype(np.uint8)
     blank = np.full_like(image, 255)
-    clean, noise, mud, empty = toy_world.score(np.stack([image, noisy, muddy, blank]), ["a photo of a circle"] * 4,
+    clean, noise, mud, empty = miniature.world.score(np.stack([image, noisy, muddy, blank]), ["a photo of a circle"] * 4,
                                          names=("quality",))["quality"]
     assert clean > 0.9 and noise < 0.7 * clean and mud < 0.5 * clean and empty == 0
 
@@ -92,9 +93,9 @@ def test_quality_prefers_clean_scenes_to_noise_blur_and_blank():
 def test_score_rejects_unknown_reward_and_length_mismatch():
     images = np.zeros((2, 64, 64, 3), np.uint8)
     with pytest.raises(ValueError, match="unknown reward 'aesthetic'"):
-        toy_world.score(images, ["a", "b"], names=("aesthetic",))
+        miniature.world.score(images, ["a", "b"], names=("aesthetic",))
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
-        toy_world.score(images, ["a"])
+        miniature.world.score(images, ["a"])
 
 
 def test_router_on_a_mixed_list():
@@ -108,25 +109,25 @@ def test_router_on_a_mixed_list():
 
 
 def test_prompt_files_are_deterministic_and_hold_out_test_compositions(tmp_path):
-    paths = toy_world.write_prompt_files(str(tmp_path / "a"))
-    again = toy_world.write_prompt_files(str(tmp_path / "b"))
+    paths = miniature.world.write_prompt_files(str(tmp_path / "a"))
+    again = miniature.world.write_prompt_files(str(tmp_path / "b"))
     for key in paths:
         assert open(paths[key]).read() == open(again[key]).read()
-    train = common.load_prompts(paths["geneval_train"])
-    test = common.load_prompts(paths["geneval_test"])
-    assert len(test) == 96 and {m["tag"] for _, m in test} == set(toy_world.GENEVAL_TAGS)
+    train = loading.load_prompts(paths["geneval_train"])
+    test = loading.load_prompts(paths["geneval_test"])
+    assert len(test) == 96 and {m["tag"] for _, m in test} == set(miniature.world.GENEVAL_TAGS)
     assert all(set(m) >= {"tag", "include", "prompt"} for _, m in train + test)
     train_prompts = {p for p, _ in train}
     for tag in ("colors", "position", "color_attr"):
         assert not {p for p, m in test if m["tag"] == tag} & train_prompts, tag
-    ocr_train = {p for p, _ in common.load_prompts(paths["ocr_train"])}
-    ocr_test = [p for p, _ in common.load_prompts(paths["ocr_test"])]
+    ocr_train = {p for p, _ in loading.load_prompts(paths["ocr_train"])}
+    ocr_test = [p for p, _ in loading.load_prompts(paths["ocr_test"])]
     assert len(ocr_test) == 64 and not set(ocr_test) & ocr_train
     assert all(common.route(p, None, {"geneval", "ocr"}) == "ocr" for p in ocr_test)
-    held = toy_world.held_out_prompts()
+    held = miniature.world.held_out_prompts()
     rng = random.Random(0)
     for _ in range(20):
-        prompts, images = toy_model.pretraining_batch(rng, 16, held)
+        prompts, images = miniature.model.pretraining_batch(rng, 16, held)
         assert not set(prompts) & held and images.shape == (16, 64, 64, 3)
 
 
@@ -134,25 +135,25 @@ def test_malformed_or_missing_prompt_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad_metadata.jsonl"
     bad.write_text(json.dumps({"prompt": "a photo of a circle", "tag": "single_object"}) + "\n{not json\n")
     with pytest.raises(ValueError, match="bad_metadata.jsonl:2: not valid JSON"):
-        common.load_prompts(str(bad))
+        loading.load_prompts(str(bad))
     bad.write_text(json.dumps({"tag": "single_object"}) + "\n")
     with pytest.raises(ValueError, match="bad_metadata.jsonl:1: expected a JSON object with a string \"prompt\""):
-        common.load_prompts(str(bad))
+        loading.load_prompts(str(bad))
     with pytest.raises(FileNotFoundError, match="nope.txt"):
-        common.load_prompts(str(tmp_path / "nope.txt"))
+        loading.load_prompts(str(tmp_path / "nope.txt"))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="holds no prompts"):
-        common.load_prompts(str(empty))
+        loading.load_prompts(str(empty))
 
 
 def test_tokenizer_covers_every_prompt_in_at_most_16_tokens():
-    tokenizer = toy_model.build_tokenizer()
+    tokenizer = miniature.model.build_tokenizer()
     unk = tokenizer.convert_tokens_to_ids("[UNK]")
-    prompts = [m["prompt"] for tag in toy_world.GENEVAL_TAGS for m in toy_world.all_geneval_items(tag)]
-    prompts += [toy_world.ocr_prompt("K7X"), toy_world.ocr_prompt("A"), ""]
+    prompts = [m["prompt"] for tag in miniature.world.GENEVAL_TAGS for m in miniature.world.all_geneval_items(tag)]
+    prompts += [miniature.world.ocr_prompt("K7X"), miniature.world.ocr_prompt("A"), ""]
     for prompt in prompts:
         ids = tokenizer(prompt).input_ids
-        assert len(ids) <= toy_model.MAX_TOKENS and unk not in ids, prompt
-    assert tokenizer.convert_ids_to_tokens(tokenizer(toy_world.ocr_prompt("K7X")).input_ids)[-6:] == \
+        assert len(ids) <= miniature.model.MAX_TOKENS and unk not in ids, prompt
+    assert tokenizer.convert_ids_to_tokens(tokenizer(miniature.world.ocr_prompt("K7X")).input_ids)[-6:] == \
         ['"', "K", "7", "X", '"', "[EOS]"]

@@ -8,19 +8,20 @@ detector's objects in each. Reports per row: GenEval strict (the table's number,
 objects detected against the number asked, the share of images with more objects than asked, and a stricter
 "clean" accuracy: strict AND no object beyond those asked (the table's "GenEval, nothing unasked" since
 2026-12-04). Usage (after `python pipeline.py`):
-    python miniature/studies/extra_objects.py NAME=PEFT_FOLDER,... [SEEDS] [CFG]
+    python lab/studies/extra_objects.py NAME=PEFT_FOLDER,... [SEEDS] [CFG]
 Writes extra_objects.txt beside this file (extra_objects-cfgCFG.txt with a CFG other than the table's 4.5).
 """
 import os, sys
 import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import common, eval as evaluation, training, toy_world
+import eval as evaluation, training, miniature.world
+import loading
 
 rows = [("base", None)] + evaluation.parse_adapters(sys.argv[1])
 seeds = int(sys.argv[2]) if len(sys.argv) > 2 else 4
 guidance = float(sys.argv[3]) if len(sys.argv) > 3 else None
 here = os.path.dirname(os.path.abspath(__file__))
-samples = zip(*evaluation.test_samples(common.load_prompt_files(evaluation.TEST_PROMPTS), seeds))  # eval.py's list
+samples = zip(*evaluation.test_samples(loading.load_prompt_files(evaluation.TEST_PROMPTS), seeds))  # eval.py's list
 prompts, metas, noise_seeds = map(list, zip(*[sample for sample in samples if sample[1]]))  # its GenEval images
 asked = np.array([sum(c["count"] for c in m["include"]) for m in metas])
 tags = sorted({m["tag"] for m in metas})
@@ -34,9 +35,9 @@ lines = [f"{len(prompts)} GenEval test images per row ({seeds} seeds per prompt)
 for name, path in rows:
     images = evaluation.sample_row(bundle, model, None if path is None else name, prompts, noise_seeds,
                                    bundle.defaults["eval_steps"], guidance)
-    scores = toy_world.score(images, prompts, metas, names=("geneval",))
+    scores = miniature.world.score(images, prompts, metas, names=("geneval",))
     strict, clean = scores["geneval_acc"], scores["geneval_clean"]
-    found = np.array([len(toy_world.detect_objects(image)) for image in toy_world.to_uint8(images)])
+    found = np.array([len(miniature.world.detect_objects(image)) for image in miniature.world.to_uint8(images)])
     per_tag = [found[np.array([m["tag"] == t for m in metas])].mean() for t in tags]
     lines.append(f"{name} | {strict.mean():.3f} | {clean.mean():.3f} | {found.mean():.2f} | {(found > asked).mean():.2f} | "
                  + " | ".join(f"{n:.2f}" for n in per_tag))

@@ -3,22 +3,23 @@
 
 For each row (the base and peft adapters), the table's GenEval test images (eval.py's sampler: 20 ODE
 steps, CFG 4.5, fp32, the same seeds as the table's) and each image's GenEval verdict
-and quality score (toy_world.score). Reports each row's quality over all its GenEval images, over the
+and quality score (miniature.world.score). Reports each row's quality over all its GenEval images, over the
 ones it gets right and wrong, and per GenEval tag; and, over the prompt/seed pairs that every row gets
 right, each row's quality on the same correct scenes. Usage (after `python pipeline.py`):
-    python miniature/studies/quality_vs_geneval.py NAME=PEFT_FOLDER,... [SEEDS]
+    python lab/studies/quality_vs_geneval.py NAME=PEFT_FOLDER,... [SEEDS]
 Writes quality_vs_geneval.txt beside this file (the committed one, of 2026-12-03, was sampled with the LoRA branch
 unmerged, before eval.sample_row: images within one level of 255 of today's; its adapters were replaced since).
 """
 import os, sys
 import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import common, eval as evaluation, training, toy_world
+import eval as evaluation, training, miniature.world
+import loading
 
 rows = [("base", None)] + evaluation.parse_adapters(sys.argv[1])
 seeds = int(sys.argv[2]) if len(sys.argv) > 2 else 4
 here = os.path.dirname(os.path.abspath(__file__))
-samples = zip(*evaluation.test_samples(common.load_prompt_files(evaluation.TEST_PROMPTS), seeds))  # eval.py's list
+samples = zip(*evaluation.test_samples(loading.load_prompt_files(evaluation.TEST_PROMPTS), seeds))  # eval.py's list
 prompts, metas, noise_seeds = map(list, zip(*[sample for sample in samples if sample[1]]))  # its GenEval images
 bundle = training.load_model("miniature/base")
 model = evaluation.load_adapters(bundle.transformer, rows[1:])
@@ -26,7 +27,7 @@ scores = {}
 for name, path in rows:
     images = evaluation.sample_row(bundle, model, None if path is None else name, prompts, noise_seeds,
                                    bundle.defaults["eval_steps"], bundle.defaults["guidance_scale"])
-    scores[name] = toy_world.score(images, prompts, metas, names=("geneval", "quality"))
+    scores[name] = miniature.world.score(images, prompts, metas, names=("geneval", "quality"))
 tags = sorted({m["tag"] for m in metas})
 both = np.all([scores[n]["geneval_acc"] == 1 for n, _ in rows], axis=0)
 lines = [f"{len(prompts)} GenEval test images per row ({seeds} seeds per prompt); {both.sum()} prompt/seed pairs "

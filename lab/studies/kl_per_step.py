@@ -5,13 +5,14 @@ PROMPTS training prompts per task; at every step j, the mean over those trajecto
 ||v_student - v_teacher||^2 / dims with each prompt's routed teacher, per task. Beside it the paper
 KL's weight per unit of that error, (|D_j| / 2) (c_j / s_j)^2 dims (M3), and the flat weighting's
 (|D_j| / 2) dims. Usage (after `python pipeline.py`):
-    python miniature/studies/kl_per_step.py runs NAME,NAME,... [PROMPTS]
+    python lab/studies/kl_per_step.py runs NAME,NAME,... [PROMPTS]
 Writes kl_per_step.txt and kl_per_step.png (one chart per task) beside this file.
 """
 import os, random, sys
 import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import common, training, stage3_opd as s3
+import loading
 
 runs, names = sys.argv[1], sys.argv[2].split(",")
 per_task = int(sys.argv[3]) if len(sys.argv) > 3 else 32
@@ -25,8 +26,8 @@ for name in names:
     bundle = training.load_model_from_args(args)
     training.sampling_defaults(args, bundle)
     policy = training.make_policy(bundle.transformer, init=args.init)
-    teacher_of, anchor_name = s3.load_guides(policy, common.parse_teachers(teachers), "base")
-    items = common.prompts_by_task("", common.parse_teachers(teachers), args.dataset, "train")
+    teacher_of, anchor_name = s3.load_guides(policy, loading.parse_teachers(teachers), "base")
+    items = loading.prompts_by_task("", loading.parse_teachers(teachers), args.dataset, "train")
     picked = s3.draw_prompts(items, 2 * per_task, random.Random(0), shares={t: 1 for t in items})
     batch = s3.sample_epoch(policy, bundle, picked, teacher_of, args, seed=777)
     v_teacher, _ = s3.guide_velocities(policy, batch, [teacher_of[r] for r in batch["routes"]], anchor_name, args)

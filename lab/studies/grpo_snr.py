@@ -2,14 +2,15 @@
 (docs/experiments.md, "Stage 1 in the miniature world").
 
 Cosine similarity between the policy gradients of independent epochs (M=16 prompts x G=8, SDE window 2,
-beta 0) at the start of training. Usage: python miniature/studies/grpo_snr.py REWARD WINDOW M
+beta 0) at the start of training. Usage: python lab/studies/grpo_snr.py REWARD WINDOW M
 Measured 2026-11-22 on the 2-core CPU: see grpo_snr.txt.
 """
 import os, random, sys
 import numpy as np
 import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import common, training, stage1_grpo as s1
+import training, stage1_grpo as s1
+import loading
 reward = sys.argv[1]; window = int(sys.argv[2]); M = int(sys.argv[3])
 args = s1.parse_args(["--reward", reward, "--out", "/tmp/snr", "--sde-window", str(window), "--prompts-per-epoch", str(M), "--train-batch-size", "64", "--beta", "0"])
 args.rewards = s1.parse_rewards(args.reward)
@@ -17,7 +18,7 @@ bundle = training.load_model(args.model)
 args.guidance = 4.5; args.negative = bundle.encode([""])
 policy = training.make_policy(bundle.transformer, 32, 64)
 train, test = s1.default_prompt_files(args.rewards, "dataset")
-items = [it for f in train for it in common.load_prompts(f)]
+items = [it for f in train for it in loading.load_prompts(f)]
 params = [p for p in policy.parameters() if p.requires_grad]
 grads = []
 for rep in range(3):

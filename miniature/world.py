@@ -3,7 +3,7 @@
 Scenes are 64x64 RGB: coloured flat shapes on white (the `geneval` task) or black text on white
 (the `ocr` task). Every prompt can be rendered correctly, which is the pretraining data, and every
 image can be scored programmatically (geneval, quality) or by a real OCR engine (rapidocr). The tiny
-model that learns this world is toy_model.py; its commands are toy.py.
+model that learns this world is miniature/model.py; its commands are lab/commands.py.
 """
 import itertools
 import json
@@ -14,7 +14,7 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-import common
+import loading
 
 SIZE = 64
 BACKGROUND = (255, 255, 255)
@@ -61,7 +61,7 @@ def geneval_item(tag, shapes, colors=(), count=1, relation=None):
                    {"class": shapes[1], "count": 1, "color": colors[1]}]
         prompt = f"a photo of {_article(colors[0])} {colors[0]} {shapes[0]} and {_article(colors[1])} {colors[1]} {shapes[1]}"
     else:
-        raise common.UserError(f"unknown GenEval tag {tag!r}; expected one of {GENEVAL_TAGS}")
+        raise loading.UserError(f"unknown GenEval tag {tag!r}; expected one of {GENEVAL_TAGS}")
     return {"tag": tag, "include": include, "prompt": prompt}
 
 
@@ -80,7 +80,7 @@ def all_geneval_items(tag):
         return [geneval_item(tag, list(p), relation=r) for p in pairs for r in RELATIONS]
     if tag == "color_attr":
         return [geneval_item(tag, list(p), list(c)) for p in pairs for c in itertools.permutations(COLORS, 2)]
-    raise common.UserError(f"unknown GenEval tag {tag!r}; expected one of {GENEVAL_TAGS}")
+    raise loading.UserError(f"unknown GenEval tag {tag!r}; expected one of {GENEVAL_TAGS}")
 
 
 def ocr_prompt(text):
@@ -133,7 +133,7 @@ def write_prompt_files(out_dir, seed=0):
 
 def ensure_prompt_files(dataset):
     """Writes the miniature world's prompt files on first use, into the default folder "dataset" only:
-    any other folder is the user's, and a missing one is their error (common.load_prompts says so)."""
+    any other folder is the user's, and a missing one is their error (loading.load_prompts says so)."""
     if dataset == "dataset" and not os.path.isdir(dataset):
         write_prompt_files(dataset)
 
@@ -205,7 +205,7 @@ def render(prompt, meta=None, rng=None):
     rng = rng or random.Random()
     meta = meta or parse_prompt(prompt)
     if meta is None:
-        raise common.UserError(f"cannot render prompt {prompt!r}: not a miniature-world prompt")
+        raise loading.UserError(f"cannot render prompt {prompt!r}: not a miniature-world prompt")
     image = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
     draw = ImageDraw.Draw(image)
     if meta.get("tag") == "ocr" or "include" not in meta:
@@ -340,7 +340,7 @@ def levenshtein(a, b):
 
 
 def ocr_reward(recognised, prompt):
-    """METHOD.md §8: 1 if the quoted target is a substring of the recognised text (lower-cased,
+    """docs/method.md M8: 1 if the quoted target is a substring of the recognised text (lower-cased,
     spaces removed), else 1 - min(Levenshtein, len(target)) / len(target)."""
     target = re.search(r'"([^"]*)"', prompt).group(1).replace(" ", "").lower()
     recognised = recognised.replace(" ", "").lower()
@@ -389,11 +389,11 @@ def score(images, prompts, metadata=None, names=REWARDS):
     """The one reward API: {name: float array of len(images)}.
     geneval -> partial credit (training reward), geneval_acc (GenEval-style accuracy) and geneval_clean
     (geneval_acc and nothing unasked drawn);
-    ocr -> METHOD.md §8; quality -> see quality_score. A task reward is NaN for prompts of the
+    ocr -> docs/method.md M8; quality -> see quality_score. A task reward is NaN for prompts of the
     other task (an OCR prompt has no GenEval score)."""
     unknown = [n for n in names if n not in REWARDS]
     if unknown:
-        raise common.UserError(f"unknown reward {unknown[0]!r}; expected one of {list(REWARDS)}")
+        raise loading.UserError(f"unknown reward {unknown[0]!r}; expected one of {list(REWARDS)}")
     images = to_uint8(images)
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")

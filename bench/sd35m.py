@@ -1,6 +1,6 @@
-"""SD3.5-Medium's full-size transformer with random bf16 weights: the measurements of `python bench.py sd35m`
-(this CPU) and `python bench.py sd35m-gpu` (a CUDA GPU), each in its own process (`python bench_sd35m.py
-worker ...`), so that its peak memory is its own. bench.py records the results."""
+"""SD3.5-Medium's full-size transformer with random bf16 weights: the measurements of `python -m bench sd35m`
+(this CPU) and `python -m bench sd35m-gpu` (a CUDA GPU), each in its own process (`python -m bench.sd35m
+worker ...`), so that its peak memory is its own. bench/__main__.py records the results."""
 import contextlib
 import json
 import os
@@ -12,6 +12,7 @@ import time
 import torch
 
 import common
+import loading
 import training
 
 SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
@@ -146,18 +147,18 @@ def sd35m_worker(layout, resolution, checkpointing, prompts=1, device="cpu", com
     cuda = device.startswith("cuda")
     steps = 5 if cuda else 2
     start = time.time()
-    policy = training.make_policy(build_sd35m(device, layers), 32, 64, targets=common.FLOW_GRPO_LORA_TARGETS).to(device)
+    policy = training.make_policy(build_sd35m(device, layers), 32, 64, targets=loading.FLOW_GRPO_LORA_TARGETS).to(device)
     if checkpointing:
         policy.get_base_model().enable_gradient_checkpointing()
     if layout == "adapters":  # Flow-OPD here: 2 teachers + the anchor as adapters on the student's base
         for i, name in enumerate(("teacher_geneval", "teacher_ocr", "anchor")):
             random_guide(policy, name, i)
-        common.freeze_all_but(policy, "student")
+        loading.freeze_all_but(policy, "student")
         guides = ("mixed", policy, ["teacher_geneval", "anchor"])
     elif layout == "copies":  # the released layout: a separate model per teacher; its default anchor is the
         copies = []           # base, i.e. the student's model with its adapter disabled (one copy fewer than ours)
         for i in range(2):
-            copy = common.add_lora(build_sd35m(device, layers), 32, 64, common.FLOW_GRPO_LORA_TARGETS, name="guide").to(device)
+            copy = loading.add_lora(build_sd35m(device, layers), 32, 64, loading.FLOW_GRPO_LORA_TARGETS, name="guide").to(device)
             random_guide(copy, "guide", i)
             copies.append(copy.eval().requires_grad_(False))
         guides = ("copies", [copies[0], BaseOf(policy)])  # the routed teacher (geneval) and the anchor
@@ -215,8 +216,9 @@ def sd35m_worker(layout, resolution, checkpointing, prompts=1, device="cpu", com
 
 
 def run_worker(*args):
-    out = subprocess.run([sys.executable, __file__, "worker", *(str(int(a) if isinstance(a, bool) else a) for a in args)],
-                         capture_output=True, text=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `-m bench.sd35m` imports the stages from there
+    out = subprocess.run([sys.executable, "-m", "bench.sd35m", "worker", *(str(int(a) if isinstance(a, bool) else a) for a in args)],
+                         capture_output=True, text=True, cwd=root)
     if out.returncode != 0:
         raise SystemExit(f"worker {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

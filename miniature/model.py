@@ -1,6 +1,6 @@
 """The miniature model: a real diffusers SD3Transformer2DModel over a 16x16x12 PCA latent of the
 miniature world's 64x64 renders, with a tiny CLIP text encoder and a local word-level tokenizer.
-Built and pretrained by `python toy.py pretrain`; loaded by training.load_model like the real SD3.
+Built and pretrained by `python -m lab pretrain`; loaded by training.load_model like the real SD3.
 """
 import json
 import os
@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 import common
-from toy_world import (GENEVAL_TAGS, NUMBERS, OCR_ALPHABET, SIZE, all_geneval_items, held_out_prompts, ocr_prompt,
+import loading
+from miniature.world import (GENEVAL_TAGS, NUMBERS, OCR_ALPHABET, SIZE, all_geneval_items, held_out_prompts, ocr_prompt,
                        render)
 
 
@@ -119,11 +120,11 @@ def save_model(folder, transformer, text_encoder, tokenizer, scheduler, card=Non
         if card:
             with open(os.path.join(tmp, "README.md"), "w") as f:
                 f.write(card)
-    common.atomic_write_dir(folder, write)
+    loading.atomic_write_dir(folder, write)
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading: a ModelBundle, as common.load_sd3 gives for the real model
+# Loading: a ModelBundle, as loading.load_sd3 gives for the real model
 
 
 MINIATURE_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # what the miniature results were trained with
@@ -154,7 +155,7 @@ def load_miniature(folder, device="cpu", dtype=torch.float32):
     def decode(latents):
         return pixels_to_images(latents if codec is None else pca_decode(latents, codec))
 
-    return common.ModelBundle(transformer, scheduler, encode, decode, miniature_latent_shape(transformer, codec),
+    return loading.ModelBundle(transformer, scheduler, encode, decode, miniature_latent_shape(transformer, codec),
                        config["resolution"], "miniature", str(folder),
                        {"eval_steps": config["eval_steps"], "guidance_scale": config["guidance_scale"],
                         "lora_targets": MINIATURE_LORA_TARGETS, "eval_batch_size": 64, "decode_batch_size": 64})

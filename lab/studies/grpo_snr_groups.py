@@ -5,13 +5,14 @@ At the LoRA's start, M groups of G=8 rollouts (beta 0, fp32); per group g_k, the
 |E g|^2 is (|sum g_k|^2 - sum |g_k|^2) / (M (M-1)); the noise is E|g|^2 minus it. Their ratio is the
 signal to noise of ONE group's gradient (about sqrt(2 / M^2) resolution), so 1/ratio groups make a
 gradient with signal to noise 1. The SDE window is pinned (START, WINDOW) so that every group trains
-the same steps. Usage: python miniature/studies/grpo_snr_groups.py REWARD START WINDOW NOISE M
+the same steps. Usage: python lab/studies/grpo_snr_groups.py REWARD START WINDOW NOISE M
 (WINDOW 0: all 9 steps, Flow-GRPO). Measured output: grpo_snr_groups.txt.
 """
 import os, random, sys, time
 import numpy as np, torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import common, training, stage1_grpo as s1
+import training, stage1_grpo as s1
+import loading
 reward, start, window, noise, M = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 bf16 = len(sys.argv) > 6 and sys.argv[6] == "bf16"
 args = s1.parse_args(["--reward", reward, "--out", "/tmp/snr", "--sde-window", str(window), "--prompts-per-epoch", str(M),
@@ -28,7 +29,7 @@ if window > 0:
     s1.sde_window = lambda a, r: list(range(start, start + window))
 policy = training.make_policy(bundle.transformer, 32, 64)
 train, test = s1.default_prompt_files(args.rewards, "dataset")
-items = [it for f in train for it in common.load_prompts(f)]
+items = [it for f in train for it in loading.load_prompts(f)]
 params = [p for p in policy.parameters() if p.requires_grad]
 t = time.time()
 batch = s1.sample_epoch(policy, bundle, items, args.rewards, args, random.Random(1), seed=12345)

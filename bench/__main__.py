@@ -1,25 +1,25 @@
 r"""Benchmarks (measured, never asserted by tests). Results are merged into BENCHMARKS.json (read by
 other tools) and BENCHMARKS.md is rewritten from it.
 
-    python bench.py peak      # the machine's bf16 / fp32 matmul peak (GFLOP/s)
-    python bench.py sd35m-gpu # the same transformer on a CUDA GPU at the paper's 512 px: Stage 3 step and eval
+    python -m bench peak      # the machine's bf16 / fp32 matmul peak (GFLOP/s)
+    python -m bench sd35m-gpu # the same transformer on a CUDA GPU at the paper's 512 px: Stage 3 step and eval
                               #   sampler step time, achieved TFLOP/s and fraction of peak, the allocator's peak
                               #   per prompts-per-chunk, checkpointing on/off, torch.compile, flash SDPA
                               #   (--smoke: the same path on the CPU, one layer, nothing recorded)
-    python bench.py sd35m     # full-size SD3.5-Medium transformer, random bf16 weights, this CPU:
+    python -m bench sd35m     # full-size SD3.5-Medium transformer, random bf16 weights, this CPU:
                               #   Stage 3 peak RSS, adapters on one base vs one model copy per guide,
                               #   one OPD step at 256 px (time, FLOPs, MFU), and the memory of a
                               #   512 px training step with and without gradient checkpointing
-    python bench.py loops     # the share of Stage 1 / Stage 3 training-loop time spent inside the
+    python -m bench loops     # the share of Stage 1 / Stage 3 training-loop time spent inside the
                               #   transformer's forward and backward (miniature defaults, 2 epochs each)
-    python bench.py modes     # eager / torch.compile x fp32 / bf16 autocast, training pass and forward
-    python bench.py sampler   # images per second of the miniature eval sampler
-    python bench.py overheads # before/after seconds of the overheads the stages avoid
-    python bench.py pipeline  # minutes of the README's main command (python pipeline.py) from scratch
-    python bench.py ocr       # the shipped rapidocr recogniser on rendered English text: the OCR reward of
+    python -m bench modes     # eager / torch.compile x fp32 / bf16 autocast, training pass and forward
+    python -m bench sampler   # images per second of the miniature eval sampler
+    python -m bench overheads # before/after seconds of the overheads the stages avoid
+    python -m bench pipeline  # minutes of the README's main command (python pipeline.py) from scratch
+    python -m bench ocr       # the shipped rapidocr recogniser on rendered English text: the OCR reward of
                               #   perfect renders (miniature signs at 64 px; English phrases at 512 px, det+rec)
 
-The SD3.5-M measurements live in bench_sd35m.py; each runs in its own process, so that its peak memory is its own.
+The SD3.5-M measurements live in bench/sd35m.py; each runs in its own process, so that its peak memory is its own.
 """
 import argparse
 import json
@@ -30,10 +30,11 @@ import time
 import torch
 
 import common
+import loading
 import eval as evaluation
-import toy_world
+import miniature.world
 import training
-from bench_sd35m import matmul_peak, sd35m, sd35m_gpu  # the full-size SD3.5-M measurements, each in its own process
+from bench.sd35m import matmul_peak, sd35m, sd35m_gpu  # the full-size SD3.5-M measurements, each in its own process
 
 RESULTS = "BENCHMARKS.json"
 def loop_efficiency(stage_main, argv):
@@ -64,19 +65,19 @@ def loop_efficiency(stage_main, argv):
                 clock["excluding"] = False
         return wrapper
     originals = (SD3Transformer2DModel.forward, torch.autograd.backward, evaluation.evaluate_policy,
-                 training.load_model_from_args, common.save_adapter)
+                 training.load_model_from_args, loading.save_adapter)
     SD3Transformer2DModel.forward = timed(originals[0], "model")
     torch.autograd.backward = timed(originals[1], "model")
     evaluation.evaluate_policy = timed(originals[2], "excluded")
     training.load_model_from_args = timed(originals[3], "excluded")
-    common.save_adapter = timed(originals[4], "excluded")
+    loading.save_adapter = timed(originals[4], "excluded")
     try:
         start = time.perf_counter()
         stage_main(argv)
         total = time.perf_counter() - start
     finally:
         (SD3Transformer2DModel.forward, torch.autograd.backward, evaluation.evaluate_policy,
-         training.load_model_from_args, common.save_adapter) = originals
+         training.load_model_from_args, loading.save_adapter) = originals
     loop = total - clock["excluded"]
     return clock["model"] / loop, loop, samples
 
@@ -158,7 +159,7 @@ def sampler(results, prompts=64, steps=20):
     in fp32 (eval.py's default on fp32 weights), and in bf16 autocast where bf16 is native (the
     default of the stages' rollouts there)."""
     bundle = training.load_model("miniature/base")
-    items = toy_world.test_items()[:prompts]
+    items = miniature.world.test_items()[:prompts]
     for bf16 in (False, True) if common.bf16_is_fast() else (False,):
         evaluation.sample_images(bundle, [p for p, _ in items[:4]], list(range(4)), 2, 4.5, bf16=bf16)  # warm-up
         start = time.perf_counter()
@@ -203,7 +204,7 @@ def overheads(results, batch=16):
     def separate():  # one call per teacher (each on its own samples) and one for the anchor
         for name in (teacher_of["geneval"], teacher_of["ocr"], anchor):
             rows = [i for i, n in enumerate(names) if n == name] if name != anchor else list(range(batch))
-            with common.use_adapter(policy, name):
+            with loading.use_adapter(policy, name):
                 common.velocity(policy, x[rows], 0.5, embeds[rows], pooled[rows], 4.5, negative)
 
     @torch.no_grad()
@@ -240,7 +241,7 @@ def pipeline_minutes(results):
     """Wall minutes of the README's main command, `python pipeline.py`, from scratch (it writes results/)."""
     import pipeline
     if os.path.exists("runs"):
-        raise SystemExit("bench.py pipeline times the pipeline from scratch: move the runs/ folder away first")
+        raise SystemExit("python -m bench pipeline times the pipeline from scratch: move the runs/ folder away first")
     start = time.perf_counter()
     pipeline.main([])
     results["full_pipeline_minutes"] = (time.perf_counter() - start) / 60
@@ -252,7 +253,7 @@ ENGLISH_PHRASES = ("Hello World", "OPEN 24 HOURS", "Fresh Coffee", "No Parking",
 
 
 def ocr(results):
-    """The OCR reward (METHOD.md §8) of the shipped recogniser (rapidocr's PP-OCRv6 small, multilingual:
+    """The OCR reward (docs/method.md M8) of the shipped recogniser (rapidocr's PP-OCRv6 small, multilingual:
     Chinese + English + ...; flow_grpo uses PaddleOCR lang="en", which rapidocr would download) on
     renders that are exactly right, so that 1 - reward is the engine's own error: the miniature's test
     signs at 64 px (recognition only, as the miniature scores) and English phrases drawn 48 px high on
@@ -260,12 +261,12 @@ def ocr(results):
     import random
     from PIL import Image, ImageDraw, ImageFont
     import numpy as np
-    signs = [p for p, _ in common.load_prompts("dataset/ocr/test.txt")] if os.path.isfile("dataset/ocr/test.txt") else \
-        [p for p, _ in toy_world.test_items() if '"' in p]
+    signs = [p for p, _ in loading.load_prompts("dataset/ocr/test.txt")] if os.path.isfile("dataset/ocr/test.txt") else \
+        [p for p, _ in miniature.world.test_items() if '"' in p]
     rng = random.Random(0)
-    images = np.stack([np.asarray(toy_world.render(p, rng=rng)) for p in signs])
-    texts = toy_world.ocr_read(images, mode="rec")
-    small = [toy_world.ocr_reward(t, p) for t, p in zip(texts, signs)]
+    images = np.stack([np.asarray(miniature.world.render(p, rng=rng)) for p in signs])
+    texts = miniature.world.ocr_read(images, mode="rec")
+    small = [miniature.world.ocr_reward(t, p) for t, p in zip(texts, signs)]
     font = ImageFont.load_default(size=48)
     phrases, pictures = [], []
     for i, phrase in enumerate(ENGLISH_PHRASES):
@@ -273,8 +274,8 @@ def ocr(results):
         ImageDraw.Draw(picture).text((40 + 10 * (i % 5), 200 + 20 * (i % 7)), phrase, fill=(20, 20, 20), font=font)
         pictures.append(np.asarray(picture))
         phrases.append(f'a sign that says "{phrase}"')
-    texts = toy_world.ocr_read(np.stack(pictures), mode="det")
-    large = [toy_world.ocr_reward(t, p) for t, p in zip(texts, phrases)]
+    texts = miniature.world.ocr_read(np.stack(pictures), mode="det")
+    large = [miniature.world.ocr_reward(t, p) for t, p in zip(texts, phrases)]
     results.update({"ocr_rendered_signs_64px_mean_reward": float(np.mean(small)),
                     "ocr_rendered_signs_64px_exact": float(np.mean(np.array(small) == 1)),
                     "ocr_rendered_english_512px_mean_reward": float(np.mean(large)),
@@ -317,7 +318,8 @@ def write_markdown(results):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["peak", "sd35m", "sd35m-gpu", "loops", "modes", "sampler", "overheads",
                                     "pipeline", "ocr"], help="which benchmark (see above)")
     p.add_argument("--smoke", action="store_true",
@@ -334,7 +336,7 @@ def main(argv=None):
     else:
         {"loops": loops, "modes": modes, "pipeline": pipeline_minutes, "sampler": sampler, "overheads": overheads,
          "sd35m-gpu": sd35m_gpu, "sd35m": sd35m, "ocr": ocr}[args.what](results)
-    write(results, f"python bench.py {args.what}")
+    write(results, f"python -m bench {args.what}")
     print(json.dumps({k: v for k, v in results.items() if k != "commands"}, indent=1))
 
 

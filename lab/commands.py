@@ -1,12 +1,12 @@
 """The miniature world's commands: its prompt files, the pretraining of its base model, quick
 specialist teachers, and a scored sample grid of any model.
 
-    python toy.py prompts   --out dataset                  # write flow_grpo-format prompt files
-    python toy.py pretrain  --out miniature/base           # train the shipped base model (see its README)
-    python toy.py specialist --task ocr --out runs/teacher-ocr   # a LoRA fitted to renders (the OCR teacher)
-    python toy.py sample    --model miniature/base --out results/base   # grid + scores of a model
+    python -m lab prompts   --out dataset                  # write flow_grpo-format prompt files
+    python -m lab pretrain  --out miniature/base           # train the shipped base model (see its README)
+    python -m lab specialist --task ocr --out runs/teacher-ocr   # a LoRA fitted to renders (the OCR teacher)
+    python -m lab sample    --model miniature/base --out results/base   # grid + scores of a model
 
-The world itself (prompts, renderer, scorers) is toy_world.py; the tiny SD3 model is toy_model.py.
+The world itself (prompts, renderer, scorers) is miniature/world.py; the tiny SD3 model is miniature/model.py.
 """
 import json
 import os
@@ -17,13 +17,14 @@ import numpy as np
 from PIL import Image
 
 import common
+import loading
 import training
-import toy_model
-import toy_world
+import miniature.model
+import miniature.world
 from eval import evaluate
-from toy_model import build_model, fit_pca_codec, pca_encode, pretraining_batch, rectified_flow_loss, save_model
+from miniature.model import build_model, fit_pca_codec, pca_encode, pretraining_batch, rectified_flow_loss, save_model
 from training import image_grid, load_model
-from toy_world import SIZE, held_out_prompts, render, score, test_items, write_prompt_files
+from miniature.world import SIZE, held_out_prompts, render, score, test_items, write_prompt_files
 
 
 def pretrain(args):
@@ -98,7 +99,7 @@ def save_pretraining_checkpoint(work, run, rng, step, elapsed, log, samples):
         os.path.join(work, "samples", f"step{step:06d}.png"))
     torch.save({k: run[k].state_dict() for k in ("ema_transformer", "ema_text_encoder")},
                os.path.join(work, f"ema_step{step:06d}.pt"))
-    common.atomic_torch_save({**{k: module.state_dict() for k, module in run.items()}, "step": step, "elapsed": elapsed,
+    loading.atomic_torch_save({**{k: module.state_dict() for k, module in run.items()}, "step": step, "elapsed": elapsed,
                        "log": log, "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state()},
                       os.path.join(work, "checkpoint.pt"))
     with open(os.path.join(work, "log.jsonl"), "w") as f:
@@ -124,7 +125,7 @@ def load_pretraining_checkpoint(work, run, rng, steps):
         return ckpt["step"], ckpt["elapsed"], ckpt["log"]
     snapshot = os.path.join(work, f"ema_step{steps:06d}.pt")
     if not os.path.exists(snapshot):
-        raise common.UserError(f"--steps {steps} is below the checkpoint's step {ckpt['step']} and there is no EMA "
+        raise loading.UserError(f"--steps {steps} is below the checkpoint's step {ckpt['step']} and there is no EMA "
                          f"snapshot {snapshot}; expected --steps to be a multiple of --eval-every")
     for key, state in torch.load(snapshot).items():
         run[key].load_state_dict(state)
@@ -151,10 +152,10 @@ bf16 autocast, EMA {args.ema}) on renders of the miniature world. Weights stored
 
 Reproduce (2-core CPU, {log[-1]['minutes']:.1f} min of training steps, evaluations excluded):
 
-    python toy.py pretrain {flags}
+    python -m lab pretrain {flags}
 
 ## Scores of the shipped weights on the test split
-Deterministic ODE, {args.eval_steps} steps, CFG {args.guidance}, seeds 0..159 (`python toy.py sample` recomputes them).
+Deterministic ODE, {args.eval_steps} steps, CFG {args.guidance}, seeds 0..159 (`python -m lab sample` recomputes them).
 
 | metric | value |
 |---|---|
@@ -176,11 +177,11 @@ def specialist(args):
     from tqdm import tqdm
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    tasks = list(common.DEFAULT_PROMPT_FILES) if args.task == "all" else [args.task]
-    if args.task not in (*common.DEFAULT_PROMPT_FILES, "all"):
-        raise common.UserError(f"unknown task {args.task!r}; expected one of {[*common.DEFAULT_PROMPT_FILES, 'all']}")
-    toy_world.ensure_prompt_files(args.dataset)
-    items = [item for task in tasks for item in common.prompts_by_task("", [task], args.dataset, "train")[task]]
+    tasks = list(loading.DEFAULT_PROMPT_FILES) if args.task == "all" else [args.task]
+    if args.task not in (*loading.DEFAULT_PROMPT_FILES, "all"):
+        raise loading.UserError(f"unknown task {args.task!r}; expected one of {[*loading.DEFAULT_PROMPT_FILES, 'all']}")
+    miniature.world.ensure_prompt_files(args.dataset)
+    items = [item for task in tasks for item in loading.prompts_by_task("", [task], args.dataset, "train")[task]]
     bundle = training.load_model(args.model)
     from safetensors.torch import load_file
     codec = load_file(os.path.join(args.model, "latent.safetensors"))
@@ -192,7 +193,7 @@ def specialist(args):
     for step in tqdm(range(1, args.steps + 1), desc=f"specialist {args.task}"):
         picked = [items[rng.randrange(len(items))] for _ in range(args.batch_size)]
         images = np.stack([np.asarray(render(p, m, rng)) for p, m in picked])
-        x0 = toy_model.pca_encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, codec)
+        x0 = miniature.model.pca_encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, codec)
         embeds, pooled = bundle.encode([p for p, _ in picked])
         keep = torch.rand(len(picked)) >= args.caption_dropout  # keeps CFG's empty-prompt branch in tune
         embeds = torch.where(keep[:, None, None], embeds, empty[0].expand_as(embeds))
@@ -206,7 +207,7 @@ def specialist(args):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "log.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in log)
-    common.save_adapter(policy, "student", os.path.join(args.out, "adapter"))
+    loading.save_adapter(policy, "student", os.path.join(args.out, "adapter"))
     print(f"wrote {args.out}/adapter ({args.task} specialist, {args.steps} steps, {(time.time() - start) / 60:.1f} min)")
 
 
@@ -257,7 +258,7 @@ def latent_study(args):
 
 
 def main(argv=None):
-    parser = training.parser(__doc__)
+    parser = training.parser(__doc__, prog="python -m lab")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name, text):  # a subcommand's parser: its flags' defaults in --help, a bad value in one line

@@ -15,8 +15,9 @@ server only, `geneval_strict` (exact counts, flow_grpo's stricter variant); the 
 `geneval_clean` (the official check and no object beyond the asked ones: the rule lets clutter pass).
 
 The reward servers speak flow_grpo's protocol: a POST whose body is a pickled dict of JPEG bytes, and a
-pickled dict back. Unpickling runs code chosen by whoever answers, so the client talks only to the URL
-the user gives (redirects are refused) and never to a default address.
+pickled dict back. A pickle can call any function, so the reply is unpickled with an allow-list (builtins'
+containers and numbers, numpy arrays and scalars: `plain_data_loads`), the client talks only to the URL the
+user gives (redirects are refused) and never to a default address.
 """
 import io
 import pickle
@@ -182,6 +183,47 @@ class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
         return None  # a redirect becomes an HTTPError: we unpickle only what the given URL answers
 
 
+def _plain_data_globals():
+    """The only globals a reward server's reply may name: what pickle needs for builtins' containers and
+    numbers and for numpy arrays and scalars (numpy 2's module names and numpy 1's, since a server may run
+    either; protocols 0-2 name builtins `__builtin__` and bytes as `_codecs.encode`)."""
+    import codecs
+    from numpy._core import multiarray, numeric
+    builtin = {"set": set, "frozenset": frozenset, "complex": complex, "bytearray": bytearray}
+    allowed = {(module, name): value for module in ("builtins", "__builtin__") for name, value in builtin.items()}
+    allowed[("_codecs", "encode")] = codecs.encode
+    allowed[("numpy", "ndarray")], allowed[("numpy", "dtype")] = np.ndarray, np.dtype
+    for core in ("numpy._core", "numpy.core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """An Unpickler that resolves only _plain_data_globals(): anything else (a function to call, a class to
+    build) raises before it is looked up, so nothing it names is imported or run."""
+    allowed = None
+
+    def find_class(self, module, name):
+        if _PlainDataUnpickler.allowed is None:
+            _PlainDataUnpickler.allowed = _plain_data_globals()
+        if (module, name) not in self.allowed:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return self.allowed[(module, name)]
+
+
+def plain_data_loads(data, url):
+    """pickle.loads of a reward server's reply, refusing any global outside the allow-list with a one-line
+    UserError that names the server and what the reply asked for."""
+    try:
+        return _PlainDataUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as err:
+        raise loading.UserError(f"reward server {url} sent a reply that is not plain data (it names {err}); refused "
+                                f"without running it: expected builtins' containers and numbers, numpy arrays and "
+                                f"scalars, as flow_grpo's reward servers send") from None
+
+
 def server_client(url, timeout=120.0, retries=3, backoff=1.0):
     """post(dict) -> dict with flow_grpo's pickle protocol. A connection error, timeout or 5xx is retried
     `retries` times with exponential backoff, then raises a clear error; a 4xx fails at once."""
@@ -198,7 +240,7 @@ def server_client(url, timeout=120.0, retries=3, backoff=1.0):
                                              headers={"Content-Type": "application/octet-stream"})
             try:
                 with opener.open(request, timeout=timeout) as response:
-                    return pickle.loads(response.read())
+                    return plain_data_loads(response.read(), url)
             except urllib.error.HTTPError as err:
                 if err.code < 500:
                     raise loading.UserError(f"reward server {url} answered HTTP {err.code} ({err.reason}); expected a "

@@ -143,3 +143,47 @@ def test_server_errors_timeouts_redirects_and_unreachable_give_clear_errors():
         rewards.server_client("http://127.0.0.1:9", timeout=1, retries=0)({"images": []})
     with pytest.raises(ValueError, match="must start with http"):
         rewards.server_client("127.0.0.1:18085")
+
+
+class _RunsCode:
+    """A payload whose unpickling calls a function: pickle would run os.system-like code through __reduce__."""
+    ran = []
+
+    def __reduce__(self):
+        return (_RunsCode.ran.append, ("the server's code ran",))
+
+
+def test_a_reply_that_would_call_a_function_is_refused_and_nothing_runs():
+    hostile = _Server(lambda request, n: (200, pickle.dumps({"outputs": [0.5], "x": _RunsCode()})))
+    try:
+        with pytest.raises(loading.UserError) as err:
+            rewards.server_client(hostile.url, timeout=5, retries=0)({"images": []})
+    finally:
+        hostile.close()
+    message = str(err.value)
+    assert "\n" not in message and hostile.url in message and "not plain data" in message and "builtins.getattr" in message
+    assert _RunsCode.ran == []
+    for name in ("os.system", "builtins.eval", "builtins.getattr", "subprocess.Popen", "numpy.load"):
+        module, attr = name.rsplit(".", 1)  # a hand-made GLOBAL + REDUCE pickle: module.attr("x")
+        payload = f"c{module}\n{attr}\n(S'x'\ntR.".encode()
+        with pytest.raises(loading.UserError, match=f"it names {module}.{attr}"):
+            rewards.plain_data_loads(payload, "http://server")
+
+
+@pytest.mark.parametrize("protocol", range(0, pickle.HIGHEST_PROTOCOL + 1))
+def test_every_key_the_real_servers_send_still_decodes(protocol):
+    # flow_grpo's GenEval server: lists of floats and per-tag dicts; DeQA / PickScore servers: numpy arrays, scalars
+    geneval = {"scores": [0.5, 1.0], "rewards": [1.0, 0.0], "strict_rewards": [0.0, 0.0],
+               "group_rewards": {"counting": [1.0]}, "group_strict_rewards": {"counting": [0.0]}}
+    deqa = {"outputs": np.array([0.8, 0.6], dtype=np.float32), "mean": np.float64(0.7), "n": np.int64(2),
+            "ok": np.bool_(True), "grid": np.asfortranarray(np.ones((2, 3), dtype=np.float16)),
+            "misc": (1, 2.5, 1 + 2j, None, True, b"jpeg", bytearray(b"x"), {1, 2}, frozenset({3}), "text")}
+    for reply in (geneval, deqa):
+        decoded = rewards.plain_data_loads(pickle.dumps(reply, protocol=protocol), "http://server")
+        assert decoded.keys() == reply.keys()
+        for key, value in reply.items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(decoded[key], value)
+                assert decoded[key].dtype == value.dtype
+            else:
+                assert decoded[key] == value and type(decoded[key]) is type(value)

@@ -25,6 +25,8 @@ import argparse
 import json
 import os
 import platform
+import signal
+import sys
 import time
 
 import torch
@@ -323,13 +325,28 @@ def main(argv=None):
     p.add_argument("what", choices=["peak", "sd35m", "sd35m-gpu", "loops", "modes", "sampler", "overheads",
                                     "pipeline", "ocr"], help="which benchmark (see above)")
     p.add_argument("--smoke", action="store_true",
-                   help="sd35m-gpu's path on the CPU with one layer at 128 px; records nothing (checks the script)")
+                   help="sd35m-gpu's path on the CPU with one layer at 128 px, compile included; records nothing")
+    p.add_argument("--budget-seconds", type=training.positive_float, default=240.0,
+                   help="sd35m-gpu: skip a case that could not finish within this many seconds of the start")
+    p.add_argument("--cases", default="", help="sd35m-gpu: comma-separated case names (default: all, most "
+                   "informative first; e.g. adapters_4p,adapters_4p_compiled)")
+    p.add_argument("--log", default="runs/bench/sd35m-gpu.jsonl",
+                   help="sd35m-gpu: JSON-lines file each case's result is appended to as it finishes")
     args = p.parse_args(argv)
     if args.smoke:
         results = {}
-        sd35m_gpu(results, smoke=True)
+        sd35m_gpu(results, smoke=True, cases=args.cases, budget_seconds=args.budget_seconds)
         return print(json.dumps(results, indent=1))
     results = json.load(open(RESULTS)) if os.path.isfile(RESULTS) else {}
+    if args.what == "sd35m-gpu":  # a short GPU loan: whatever ends the run, the finished cases are merged
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run unwinds through finally
+        os.makedirs(os.path.dirname(os.path.abspath(args.log)), exist_ok=True)
+        try:
+            sd35m_gpu(results, cases=args.cases, budget_seconds=args.budget_seconds, log=args.log)
+        finally:
+            write(results, "python -m bench sd35m-gpu")
+            signal.signal(signal.SIGTERM, previous)
+        return
     if args.what == "peak":
         results["peak_bf16_gflops"] = matmul_peak(torch.bfloat16)
         results["peak_fp32_gflops"] = matmul_peak(torch.float32)

@@ -215,10 +215,15 @@ def sd35m_worker(layout, resolution, checkpointing, prompts=1, device="cpu", com
                       "params": sum(p.numel() for p in policy.get_base_model().parameters())}))
 
 
-def run_worker(*args):
+def run_worker(*args, timeout=None):
+    """One measurement in its own process (its peak memory is its own); SystemExit on failure or past `timeout` s."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `-m bench.sd35m` imports the stages from there
-    out = subprocess.run([sys.executable, "-m", "bench.sd35m", "worker", *(str(int(a) if isinstance(a, bool) else a) for a in args)],
-                         capture_output=True, text=True, cwd=root)
+    try:
+        out = subprocess.run([sys.executable, "-m", "bench.sd35m", "worker",
+                              *(str(int(a) if isinstance(a, bool) else a) for a in args)],
+                             capture_output=True, text=True, cwd=root, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"worker {args} stopped at the budget's {timeout:.0f} s") from None
     if out.returncode != 0:
         raise SystemExit(f"worker {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -246,48 +251,97 @@ def spec_peak(name):
     return next((peak for key, peak in SPEC_PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-GPU_CASES = [  # (layout, checkpointing, prompts, compiled, flash): the plan's table, then what speeds the step up
-    ("adapters", 0, 1, 0, 0), ("adapters", 0, 4, 0, 0), ("adapters", 1, 1, 0, 0), ("adapters", 1, 16, 0, 0),
-    ("adapters", 0, 4, 1, 0), ("adapters", 0, 4, 0, 1), ("adapters", 0, 8, 1, 1), ("copies", 0, 1, 0, 0),
-    ("student", 0, 1, 0, 0), ("student", 1, 1, 0, 0), ("sampler", 0, 16, 0, 0), ("sampler", 0, 16, 1, 1)]
+GPU_CASES = [  # (layout, checkpointing, prompts, compiled, flash), the most informative first: the recipe's
+    # chunk plain and with each lever, then the memory plan's table, the student alone and the eval sampler
+    ("adapters", 0, 4, 0, 0), ("adapters", 0, 4, 1, 0), ("adapters", 0, 4, 0, 1), ("adapters", 1, 8, 0, 0),
+    ("adapters", 0, 8, 1, 1), ("sampler", 0, 16, 0, 0), ("adapters", 0, 1, 0, 0), ("adapters", 1, 1, 0, 0),
+    ("adapters", 1, 16, 0, 0), ("sampler", 0, 16, 1, 1), ("copies", 0, 1, 0, 0), ("student", 0, 1, 0, 0),
+    ("student", 1, 1, 0, 0)]
+SMOKE_CASES = [("adapters", 0, 1, 0, 0), ("adapters", 0, 2, 1, 1), ("sampler", 0, 2, 0, 0)]
 
 
-def sd35m_gpu(results, smoke=False):
+def case_name(layout, checkpointing, prompts, compiled, flash):
+    """adapters_ckpt_8p_compiled_flash: what --cases takes and what the result keys carry."""
+    return (f"{layout}_{'ckpt_' if checkpointing else ''}{prompts}p{'_compiled' if compiled else ''}"
+            f"{'_flash' if flash else ''}")
+
+
+def pick_cases(names, cases=GPU_CASES):
+    """The cases named in a comma-separated `names` (all when empty), in the order of `cases`."""
+    known = {case_name(*case): case for case in cases}
+    wanted = [n for n in (names or "").split(",") if n]
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise loading.UserError(f"unknown case(s) {unknown} in --cases; expected some of {list(known)}")
+    return [case for name, case in known.items() if not wanted or name in wanted]
+
+
+def sd35m_gpu(results, smoke=False, cases="", budget_seconds=240.0, log=None, worker=None):
     """The plan's table, measured: Stage 3 at 512 px with CFG per prompts-per-chunk, with and without
-    gradient checkpointing, adapters vs copies, the student's plain training step, and the eval sampler's
-    step; then torch.compile (adapters in place), the flash SDPA kernel, and larger chunks without
-    recomputation. Each: peak = the CUDA allocator's peak of its process (T5 and the CLIP encoders are
-    not loaded: add their weights), achieved TFLOP/s (FLOPs counted eagerly, recomputation included) and
-    the fraction of the measured matmul peak and of the data-sheet peak. A profiler trace of the first
-    case goes to runs/bench-profile/. `smoke`: one layer at 128 px on the CPU, nothing recorded (the path's test)."""
+    gradient checkpointing, torch.compile (adapters in place), the flash SDPA kernel, adapters vs copies, the
+    student's plain training step, and the eval sampler's step. Each: peak = the CUDA allocator's peak of its
+    process (T5 and the CLIP encoders are not loaded: add their weights), achieved TFLOP/s (FLOPs counted
+    eagerly, recomputation included) and the fraction of the measured matmul peak and of the data-sheet peak.
+    Built for a short GPU loan: the cases run most informative first; before each, a case that could not finish
+    within `budget_seconds` (at the pace of the slowest so far) is skipped; each result is added to `results`
+    and appended to the JSON-lines file `log` the moment it exists, so whatever ends the run keeps it.
+    A profiler trace of the first case goes to runs/bench-profile/. `smoke`: one layer at 128 px on the CPU
+    (torch.compile included), nothing recorded (the path's test). `worker`: run_worker (a stand-in in tests)."""
+    worker = worker or run_worker
     device, resolution, layers = ("cpu", 128, 1) if smoke else ("cuda", 512, 24)
+    start = time.time()
     peak = matmul_peak(torch.bfloat16, sizes=(512,), repeats=2) if smoke else cuda_matmul_peak()
     name = "cpu (smoke)" if smoke else torch.cuda.get_device_name()
     results["gpu_name"], results["gpu_peak_bf16_gflops"] = name, peak
     results["gpu_spec_peak_bf16_tflops"] = spec_peak(name)
-    flops_of = {}
-    smoke_cases = [GPU_CASES[0], ("adapters", 0, 2, 1, 1), ("sampler", 0, 2, 0, 0)]
-    for i, (layout, checkpointing, prompts, compiled, flash) in enumerate(smoke_cases if smoke else GPU_CASES):
-        key = (f"gpu_sd35m_{resolution}_{layout}_{'ckpt_' if checkpointing else ''}{prompts}p"
-               f"{'_compiled' if compiled else ''}{'_flash' if flash else ''}")
-        try:
-            m = run_worker(layout, resolution, checkpointing, prompts, device, compiled, flash, layers,
-                           "runs/bench-profile" if i == 0 else "")
-        except SystemExit as error:  # e.g. out of memory: record it and go on
-            print(error, file=sys.stderr)
-            results[key + "_error"] = str(error).strip().splitlines()[-1][:200]
+    flops_of, slowest, summary = {}, 0.0, []
+    for i, case in enumerate(pick_cases(cases, SMOKE_CASES if smoke else GPU_CASES)):
+        layout, checkpointing, prompts, compiled, flash = case
+        key = f"gpu_sd35m_{resolution}_{case_name(*case)}"
+        left = budget_seconds - (time.time() - start)
+        if left < max(slowest, 1.0):
+            summary.append((case_name(*case), f"skipped: {left:.0f} s of the budget left"))
             continue
-        results[key + "_peak_gib"] = m["peak_gib"]
-        results[key + "_step_seconds"] = m["step_seconds"]
-        if m["flops"]:  # compiled: the eager count of the same step, which is linear in the prompts
-            flops_of[(layout, checkpointing)] = m["flops"] / prompts
-        flops = m["flops"] or flops_of.get((layout, checkpointing), 0) * prompts
-        if flops:
-            results[key + "_tflops_achieved"] = flops / m["step_seconds"] / 1e12
-            results[key + "_mfu"] = flops / m["step_seconds"] / 1e9 / peak
-            if results["gpu_spec_peak_bf16_tflops"]:
-                results[key + "_fraction_of_spec_peak"] = flops / m["step_seconds"] / 1e12 / results["gpu_spec_peak_bf16_tflops"]
+        began = time.time()
+        try:
+            m = worker(layout, resolution, checkpointing, prompts, device, compiled, flash, layers,
+                       "runs/bench-profile" if i == 0 else "", timeout=left)
+        except SystemExit as error:  # out of memory, or past the budget: record it and go on
+            print(error, file=sys.stderr)
+            m = {"error": str(error).strip().splitlines()[-1][:200]}
+        slowest = max(slowest, time.time() - began)
+        record = case_result(key, m, prompts, flops_of, (layout, checkpointing), peak, results["gpu_spec_peak_bf16_tflops"])
+        results.update(record)
+        if log:
+            with open(log, "a") as f:
+                f.write(json.dumps({"case": case_name(*case), "device": name, **record}) + "\n")
+        summary.append((case_name(*case), m.get("error") or (f"{m['step_seconds']:.3f} s/step, {m['peak_gib']:.1f} GiB"
+                        + (f", {record[key + '_tflops_achieved']:.0f} TFLOP/s ({100 * record[key + '_mfu']:.0f} % of "
+                           f"the matmul peak)" if key + "_mfu" in record else ""))))
         print(json.dumps({key: m}), flush=True)
+    print(f"\nsd35m-gpu on {name}, matmul peak {peak / 1e3:.0f} TFLOP/s, {time.time() - start:.0f} s "
+          f"(budget {budget_seconds:.0f} s):")
+    for case, line in summary:
+        print(f"  {case:<32} {line}")
+    return summary
+
+
+def case_result(key, m, prompts, flops_of, family, peak, spec_tflops):
+    """The result keys of one case: its error, or peak memory, step time, achieved TFLOP/s and the fractions of
+    the measured and data-sheet peaks. A compiled case's FLOPs are the eager count of the same family, which
+    is linear in the prompts (`flops_of` carries it from an earlier case)."""
+    if "error" in m:
+        return {key + "_error": m["error"]}
+    out = {key + "_peak_gib": m["peak_gib"], key + "_step_seconds": m["step_seconds"]}
+    if m["flops"]:
+        flops_of[family] = m["flops"] / prompts
+    flops = m["flops"] or flops_of.get(family, 0) * prompts
+    if flops:
+        out[key + "_tflops_achieved"] = flops / m["step_seconds"] / 1e12
+        out[key + "_mfu"] = flops / m["step_seconds"] / 1e9 / peak
+        if spec_tflops:
+            out[key + "_fraction_of_spec_peak"] = flops / m["step_seconds"] / 1e12 / spec_tflops
+    return out
 
 
 def sd35m(results):

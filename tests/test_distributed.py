@@ -39,10 +39,14 @@ def assert_same_run(one, two, keys):
     """The same logged statistics, epoch by epoch, and the same published adapter (float tolerance:
     the processes' smaller matmuls round differently; the published EMA is a bias-corrected average of the
     students after each update, so it carries their rounding differences in full, up to ~1e-4 here)."""
+    found = set()
     for a, b in zip(records(one), records(two), strict=True):
         for key in keys:
+            assert (key in a) == (key in b), (a.get("epoch", a.get("step")), key)  # a key one run logs, both do
             if key in a:
+                found.add(key)
                 assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-5), (a.get("epoch", a.get("step")), key)
+    assert found == set(keys), f"never logged: {set(keys) - found}"  # a misspelt key is not skipped silently
     weights_one = load_file(os.path.join(one, "adapter", "adapter_model.safetensors"))
     weights_two = load_file(os.path.join(two, "adapter", "adapter_model.safetensors"))
     assert weights_one.keys() == weights_two.keys()
@@ -66,8 +70,9 @@ def test_stage3_two_processes_match_one(tiny_model_dir, adapters, prompt_files, 
              "--anchor", adapters["quality"], "--objective", objective, *FP32)
     stage3.main(stage3_args(tiny_model_dir, adapters, prompt_files, tmp_path / "one", *extra))
     torchrun("stage3_opd.py", stage3_args(tiny_model_dir, adapters, prompt_files, tmp_path / "two", *extra))
+    ratios = ("ratio_min", "ratio_max") if objective == "ppo" else ()  # pathwise has no policy ratio to log
     assert_same_run(tmp_path / "one", tmp_path / "two", ("loss", "kl_anchor", "kl_teacher_geneval", "kl_teacher_ocr",
-                                                         "ratio_min", "ratio_max", "updates"))
+                                                         *ratios, "updates"))
 
 
 def test_stage2_sft_two_processes_match_one(tiny_model_dir, adapters, prompt_files, tmp_path):  # noqa: F811

@@ -166,8 +166,11 @@ def test_flat_weighting_is_the_time_integrated_velocity_l2_and_the_paper_weight_
         flat = common.step_kl(v_student, v_teacher, s[j], s[j + 1], s[1], NOISE, "flat")
         torch.testing.assert_close(flat, delta / 2 * ((v_student - v_teacher) ** 2).sum(dim=(1, 2, 3)), rtol=1e-5, atol=1e-8)
         paper = common.step_kl(v_student, v_teacher, s[j], s[j + 1], s[1], NOISE, "paper")
-        torch.testing.assert_close(flat, paper * stage3_opd.kl_unit(s[j], s[j + 1], 48, "flat", s[1], NOISE),
-                                   rtol=1e-5, atol=1e-8)
+        sigma = float(s[j])
+        std = NOISE * math.sqrt(sigma / (1 - (float(s[1]) if sigma == 1 else sigma)))  # M1's s_j, by hand
+        c = 1 + std**2 * (1 - sigma) / (2 * sigma)
+        torch.testing.assert_close(flat, paper * (std / c) ** 2, rtol=1e-5, atol=1e-8)  # M3: flat = KL (s/c)^2
+        assert stage3_opd.kl_unit(s[j], s[j + 1], 48, "flat", s[1], NOISE) == pytest.approx((std / c) ** 2, rel=1e-5)
         unit_weights.append(float(common.step_kl(torch.ones(1, 1), torch.zeros(1, 1), s[j], s[j + 1], s[1], NOISE)))
     # the paper's KL weighs a unit velocity error at the last steps far above the first (why --kl-weighting flat)
     assert max(unit_weights[-2:]) > 100 * unit_weights[0]

@@ -254,7 +254,7 @@ def test_gradient_accumulation_and_steps_per_pass_give_the_update_of_one_big_bat
     """One update over 8 trajectories of 3 steps: one backward chunk of 8 trajectories one step at a time, four
     chunks of 2 accumulated, or several steps of each trajectory in one pass (--steps-per-pass): the same
     guides, statistics and update."""
-    after, guides, logged = [], [], []
+    before, after, guides, logged = [], [], [], []
     for chunk, steps_per_pass in ((8, 1), (2, 1), (2, 3), (8, 2)):
         torch.manual_seed(0)
         bundle, policy, teacher_of, anchor_name, args = setup_policy(tiny_model_dir, adapters, adapters["quality"])
@@ -269,6 +269,7 @@ def test_gradient_accumulation_and_steps_per_pass_give_the_update_of_one_big_bat
         v_teacher, v_anchor = stage3.guide_velocities(policy, batch, [teacher_of[r] for r in batch["routes"]],
                                                       anchor_name, args)
         guides.append((batch["states"], v_teacher, v_anchor))
+        before.append({n: p.detach().clone() for n, p in policy.named_parameters() if ".student." in n})
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
         stats = stage3.train_on_rollouts(policy, batch, v_teacher, v_anchor, optimizer, args)
         assert stats["updates"] == 1
@@ -283,7 +284,8 @@ def test_gradient_accumulation_and_steps_per_pass_give_the_update_of_one_big_bat
     for other in after[1:]:  # under 1 % of Adam's first step (lr 1e-2 per weight)
         moved = max((after[0][n] - other[n]).abs().max().item() for n in after[0])
         assert moved < 1e-4, moved
-    assert any(not torch.equal(after[0][n], after[1][n]) or after[0][n].abs().sum() > 0 for n in after[0])
+    # the update that all four agree on is a real one: Adam's first step moves a weight with a gradient by ~lr
+    assert max((after[0][n] - before[0][n]).abs().max().item() for n in after[0]) > 5e-3
 
 
 def test_merged_sampling_matches_the_adapter_and_restores_the_base_bit_for_bit(tiny_model_dir, adapters):

@@ -323,11 +323,18 @@ def geneval_score(image, meta):
     return float(np.mean(terms)), float(strict)
 
 
+def unasked_objects(image, meta):
+    """How many objects the detector finds beyond those the prompt asks for: a GenEval record's counts, none
+    for a sign (an OCR prompt asks for text only)."""
+    asked = sum(clause["count"] for clause in meta["include"]) if meta and "include" in meta else 0
+    return max(0, len(detect_objects(image)) - asked)
+
+
 def nothing_unasked(image, meta):
     """True when the detector finds no object beyond the GenEval record's asked ones. GenEval's rule does not ask
     this: a picture full of shapes passes "a photo of a circle", and the miniature's GenEval teacher gains largely
     by such clutter (docs/experiments.md, 2026-12-04), so the table shows strict AND this as its own column."""
-    return len(detect_objects(image)) <= sum(clause["count"] for clause in meta["include"])
+    return unasked_objects(image, meta) == 0
 
 
 def levenshtein(a, b):
@@ -368,18 +375,19 @@ def ocr_read(images, mode="rec"):
     return texts
 
 
-def quality_score(image):
-    """A no-reference quality score for flat-colour scenes (the miniature stand-in for DeQA):
-    content x (0.7 palette fidelity + 0.3 cleanliness). Fidelity is how close pixels are to a
-    palette colour (crisp flat fills, no muddy or blurred colours); cleanliness penalises isolated
-    speckle pixels (noise); content is 0 for a blank image, so emptiness is not 'quality'."""
+def quality_score(image, unasked=0):
+    """The miniature's stand-in for DeQA / PickScore: what RL alignment degrades here, scored in [0, 1] as
+    content x (0.7 palette fidelity + 0.3 cleanliness) / (1 + unasked). Fidelity is how close pixels are to a
+    palette colour (crisp flat fills, no muddy or blurred colours); cleanliness penalises isolated speckle
+    pixels (noise); content is 0 for a blank image, so emptiness is not 'quality'; `unasked` is the number of
+    hallucinated objects (unasked_objects), so five shapes for "a photo of a circle" score a fifth of one."""
     labels, dist = quantize(image)
     fidelity = float(np.exp(-(dist / 0.12) ** 2).mean())
     padded = np.pad(labels, 1, mode="edge")
     neighbours = [padded[1:-1, :-2], padded[1:-1, 2:], padded[:-2, 1:-1], padded[2:, 1:-1]]
     speckle = float(np.mean(np.all([labels != n for n in neighbours], axis=0)))
     content = min(1.0, float(np.mean(labels != 0)) / 0.02)
-    return content * (0.7 * fidelity + 0.3 * max(0.0, 1 - 20 * speckle))
+    return content * (0.7 * fidelity + 0.3 * max(0.0, 1 - 20 * speckle)) / (1 + unasked)
 
 
 REWARDS = ("geneval", "ocr", "quality")
@@ -415,7 +423,7 @@ def score(images, prompts, metadata=None, names=REWARDS):
                 rewards[i] = ocr_reward(next(texts), p)
         out["ocr"] = rewards
     if "quality" in names:
-        out["quality"] = np.array([quality_score(im) for im in images])
+        out["quality"] = np.array([quality_score(im, unasked_objects(im, m)) for im, m in zip(images, metas)])
     return out
 
 

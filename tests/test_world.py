@@ -85,9 +85,33 @@ def test_quality_prefers_clean_scenes_to_noise_blur_and_blank():
     noisy = np.clip(image + np.random.default_rng(0).normal(0, 40, image.shape), 0, 255).astype(np.uint8)
     muddy = (0.5 * image + 0.5 * 128).astype(np.uint8)
     blank = np.full_like(image, 255)
-    clean, noise, mud, empty = miniature.world.score(np.stack([image, noisy, muddy, blank]), ["a photo of a circle"] * 4,
-                                         names=("quality",))["quality"]
+    clean, noise, mud, empty = miniature.world.score(np.stack([image, noisy, muddy, blank]),
+                                                     ["a photo of a red circle and a blue square"] * 4,
+                                                     names=("quality",))["quality"]
     assert clean > 0.9 and noise < 0.7 * clean and mud < 0.5 * clean and empty == 0
+
+
+def test_quality_dislikes_objects_nobody_asked_for():
+    """Hand-made: the exact render of "a photo of a circle", the same with four more shapes drawn on it, and a
+    sign with a shape beside its text. Each hallucinated object divides the score (docs/method.md M8)."""
+    from PIL import ImageDraw
+    exact = miniature.world.render("a photo of a red circle", None, random.Random(3))
+    cluttered = exact.copy()
+    draw = ImageDraw.Draw(cluttered)
+    for k, (shape, color) in enumerate([("square", "blue"), ("triangle", "green"), ("circle", "yellow"),
+                                        ("square", "red")]):
+        miniature.world._draw_shape(draw, shape, 8 + 16 * k, 56, 10, miniature.world.COLORS[color])
+    sign = miniature.world.render('a sign that says "KEY"', None, random.Random(0))
+    sign_and_shape = sign.copy()
+    miniature.world._draw_shape(ImageDraw.Draw(sign_and_shape), "circle", 56, 8, 12, miniature.world.COLORS["red"])
+    prompts = ["a photo of a red circle"] * 2 + ['a sign that says "KEY"'] * 2
+    images = np.stack([np.asarray(im) for im in (exact, cluttered, sign, sign_and_shape)])
+    q = miniature.world.score(images, prompts, names=("quality", "geneval"))
+    assert [miniature.world.unasked_objects(im, miniature.world.parse_prompt(p)) for im, p in zip(images, prompts)] \
+        == [0, 4, 0, 1]
+    assert q["geneval_acc"][0] == q["geneval_acc"][1] == 1  # the official rule lets the clutter pass
+    assert q["quality"][0] > 0.9 and q["quality"][1] < 0.25 * q["quality"][0] + 0.01
+    assert q["quality"][2] > 0.5 and q["quality"][3] < 0.55 * q["quality"][2] + 0.01
 
 
 def test_score_rejects_unknown_reward_and_length_mismatch():

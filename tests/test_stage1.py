@@ -134,12 +134,18 @@ def test_one_tiny_epoch_changes_only_lora_weights_and_starts_at_ratio_one(tiny_m
 
 
 def test_resume_reproduces_the_next_epoch(tiny_model_dir, prompt_files, tmp_path):
-    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "full", "--epochs", "2"))
-    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "part", "--epochs", "1"))
-    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "part", "--epochs", "2", "--resume"))
+    # quality is continuous, so every group has a spread and both epochs update (geneval on a random model would not)
+    quality = ("--reward", "quality")
+    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "full", *quality, "--epochs", "2"))
+    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "part", *quality, "--epochs", "1"))
+    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "part", *quality, "--epochs", "2", "--resume"))
     full = [json.loads(line) for line in open(tmp_path / "full" / "log.jsonl")]
     part = [json.loads(line) for line in open(tmp_path / "part" / "log.jsonl")]
     assert [r["epoch"] for r in part] == [0, 1, 2] and "eval" in part[0]
+    assert full[1]["updates"] > 0 and full[2]["updates"] > 0 and full[2]["skipped_groups"] == 0
+    from safetensors.torch import load_file
+    weights = [load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors")) for run in ("full", "part")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     for key in ("reward_mean", "loss", "kl", "ratio_min", "ratio_max", "eval"):
         assert part[2].get(key) == full[2].get(key), key
     assert os.path.isfile(tmp_path / "full" / "adapter" / "adapter_model.safetensors")

@@ -2,6 +2,7 @@
 on a randomly initialised miniature model."""
 import dataclasses
 import json
+import math
 import os
 import random
 import types
@@ -159,10 +160,17 @@ def test_sft_cold_start_trains_a_student_stage3_can_start_from(tiny_model_dir, a
                  "--train-prompts", prompt_files["train"], "--samples-per-task", "4", "--sample-steps", "2",
                  "--train-steps", "3", "--batch-size", "4", "--out", str(tmp_path / "sft")])
     log = [json.loads(line) for line in open(tmp_path / "sft" / "log.jsonl")]
-    assert len(log) == 3 and all(r["loss"] > 0 for r in log)
+    assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "sft" / "adapter" / "adapter_model.safetensors"))
+    assert max(t.abs().max().item() for k, t in saved.items() if "lora_B" in k) > 0  # trained: B starts at zero
     bundle = training.load_model(tiny_model_dir)
     policy = training.make_policy(bundle.transformer, init=str(tmp_path / "sft" / "adapter"))
-    assert any(p.requires_grad for n, p in policy.named_parameters() if ".student." in n)
+    student = {n: p for n, p in policy.named_parameters() if ".student." in n}
+    assert all(p.requires_grad for p in student.values()) and len(student) == len(saved)
+    for key, tensor in saved.items():  # Stage 3 starts from exactly the SFT weights
+        name = next(n for n in student if n.replace(".student", "").endswith(key.replace("base_model.model.", "")))
+        torch.testing.assert_close(student[name].detach(), tensor.float())
 
 
 def test_sft_micro_batches_accumulate_to_the_same_update_as_one_batch(tiny_model_dir, adapters, prompt_files, tmp_path):
@@ -413,7 +421,32 @@ def test_best_of_n_keeps_each_prompts_best_sample_and_caches_them(tiny_model_dir
     assert (cached["best"] >= cached["mean"]).all()
     log = [json.loads(line) for line in open(tmp_path / "bon" / "log.jsonl")]
     assert log[0]["n"] == 3 and len(log) == 3
-    stage2.main(argv)  # a rerun refits from the cached samples
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a rerun sampled again instead of refitting from the cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stage2, "best_of_n_samples", no_sampling)
+        stage2.main(argv)  # a rerun refits from the cached samples
     assert torch.equal(torch.load(tmp_path / "bon" / "samples.pt")["latents"], cached["latents"])
     with pytest.raises(ValueError, match="unknown reward 'aesthetic'"):
         stage2.main([*argv[:4], "aesthetic", *argv[5:]])
+
+
+def test_best_of_n_keeps_the_sample_its_reward_ranks_first(tiny_model_dir, prompt_files, tmp_path):
+    """bestofn --reward quality (continuous, so the ranking is not a tie) against the candidates sampled and scored
+    here: each prompt's n base samples at seeds seed + 1000 i + k, scored by miniature.world.score."""
+    stage2.main(["bestofn", "--model", tiny_model_dir, "--reward", "quality", "--train-prompts", prompt_files["train"],
+                 "--samples-per-task", "2", "--n", "3", "--sample-steps", "2", "--train-steps", "1", "--batch-size", "2",
+                 "--lora-rank", "4", "--lora-alpha", "8", "--sample-precision", "fp32", "--out", str(tmp_path / "bon")])
+    cached = torch.load(tmp_path / "bon" / "samples.pt")
+    bundle = training.load_model(tiny_model_dir)
+    sigmas = common.sampling_sigmas(bundle.scheduler, 2)
+    for i, prompt in enumerate(cached["prompts"]):
+        embeds, pooled = bundle.encode([prompt] * 3)
+        run = common.rollout(bundle.transformer, embeds, pooled, bundle.latent_shape(bundle.resolution), sigmas,
+                             [1000 * i + k for k in range(3)], 0.0, bundle.defaults["guidance_scale"],
+                             bundle.encode([""]), bundle.decode)
+        scores = torch.as_tensor(miniature.world.score(run["images"], [prompt] * 3, names=("quality",))["quality"])
+        assert scores.max() > scores.min()  # a real ranking
+        assert cached["best"][i].item() == pytest.approx(scores.max().item(), abs=1e-6)
+        assert cached["mean"][i].item() == pytest.approx(scores.mean().item(), abs=1e-6)
+        torch.testing.assert_close(cached["latents"][i], run["states"][scores.argmax(), -1], atol=1e-5, rtol=1e-5)

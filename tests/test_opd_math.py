@@ -6,6 +6,8 @@ so the expected "local" gradient E[sum_j grad KL_j(x_j)] is the gradient at E[x_
 gradient of the whole path's KL, E_theta[sum_j KL_j(x_j)], adds how theta moves the later states;
 with Gaussian steps E[KL_1(x_1)] = KL_1(mu_0(theta)) + a theta-free variance term (analytic too).
 """
+import math
+
 import pytest
 import torch
 
@@ -28,8 +30,20 @@ def teacher(x):
     return T - 0.3 * x
 
 
+def step_constants(j):
+    """M1's s_j, c_j and D_j for this module's sigmas, by hand (the analytic side never calls common)."""
+    sigma, sigma_next = float(SIGMAS[j]), float(SIGMAS[j + 1])
+    s = NOISE * math.sqrt(sigma / (1 - (float(SIGMAS[1]) if sigma == 1 else sigma)))
+    return s, 1 + s**2 * (1 - sigma) / (2 * sigma), sigma_next - sigma, sigma
+
+
 def kl(theta, x, j, weighting):
-    return common.step_kl(student(theta, x), teacher(x), SIGMAS[j], SIGMAS[j + 1], SIGMAS[1], NOISE, weighting)
+    """M3 written out: paper (|D|/2)(c/s)^2 ||dv||^2, code mean_d (c D dv)^2 / (2 s^2), flat (|D|/2) ||dv||^2."""
+    s, c, delta, _ = step_constants(j)
+    dv = student(theta, x) - teacher(x)
+    if weighting == "code":
+        return ((c * delta * dv) ** 2).mean(-1) / (2 * s**2)
+    return abs(delta) / 2 * ((c / s) ** 2 if weighting == "paper" else 1.0) * (dv ** 2).sum(-1)
 
 
 def simulate(theta, n, generator):
@@ -78,9 +92,9 @@ def monte_carlo(objective, weighting, gamma=0.0, steps=(0, 1), groups=40, per_gr
 
 def step0_mean(theta):
     """mu_0(theta): the mean of x_1 given X0 (M1), differentiable in theta."""
-    _, _, mean, _ = common.sde_step(X0[None], student(theta, X0[None]), SIGMAS[0], SIGMAS[1], SIGMAS[1], NOISE,
-                                    noise=torch.zeros(1, D))
-    return mean
+    s, _, delta, sigma = step_constants(0)
+    x = X0[None]
+    return x * (1 + s**2 / (2 * sigma) * delta) + student(theta, x) * (1 + s**2 * (1 - sigma) / (2 * sigma)) * delta
 
 
 def local_gradient(weighting, steps=(0, 1)):

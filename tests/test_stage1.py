@@ -347,3 +347,39 @@ def test_nft_mix_trains_on_the_mixed_reward(tiny_model_dir, tmp_path, monkeypatc
     assert np.isnan(scores["ocr"]).any() and np.isnan(scores["geneval"]).any()  # both tasks in the batch
     mixed = 0.5 * np.nan_to_num(scores["geneval"]) + 0.5 * np.nan_to_num(scores["ocr"])
     np.testing.assert_allclose(seen["advantages"], stage1.group_advantages(mixed, groups)[0])
+
+
+def test_mix_advantage_is_each_rewards_group_advantage_on_its_own_samples_weighted_and_summed():
+    """--mix advantage (MixGRPO) by hand: GenEval scores only its two groups, OCR only its one; each reward's
+    advantages use its own samples' global std; a group with no spread in a reward carries none of its signal."""
+    scores = {"geneval": np.array([1.0, 0.0, 0.5, 0.5, np.nan, np.nan]),
+              "ocr": np.array([np.nan, np.nan, np.nan, np.nan, 0.2, 0.8])}
+    groups = [0, 0, 1, 1, 2, 2]
+    advantages, informative = stage1.mixed_advantages(scores, {"geneval": 0.3, "ocr": 2.0}, groups)
+    g_std = np.array([1.0, 0.0, 0.5, 0.5]).std() + 1e-4  # 0.35355...
+    o_std = np.array([0.2, 0.8]).std() + 1e-4  # 0.3
+    expected = [0.3 * 0.5 / g_std, -0.3 * 0.5 / g_std, 0.0, 0.0, 2.0 * -0.3 / o_std, 2.0 * 0.3 / o_std]
+    np.testing.assert_allclose(advantages, expected, rtol=1e-12)
+    assert informative.tolist() == [True, True, False, False, True, True]
+    summed, _ = stage1.group_advantages(stage1.combine_rewards(scores, {"geneval": 0.3, "ocr": 2.0}), groups)
+    assert not np.allclose(summed, expected)  # --mix sum normalises the summed reward instead: another rule
+
+
+def test_mix_alternate_trains_one_task_per_epoch_on_its_own_prompts_and_reward(tiny_model_dir, tmp_path, monkeypatch):
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    (folder / "g.jsonl").write_text("".join(json.dumps(m) + "\n" for m in miniature.world.all_geneval_items("colors")[:2]))
+    (folder / "o.txt").write_text(miniature.world.ocr_prompt("AB") + "\n" + miniature.world.ocr_prompt("KEY") + "\n")
+    seen, sample = [], stage1.sample_epoch
+
+    def keep(policy, bundle, items, rewards, args, rng, seed):
+        seen.append(({'"' in p for p, _ in items}, dict(rewards)))
+        return sample(policy, bundle, items, rewards, args, rng, seed)
+    monkeypatch.setattr(stage1, "sample_epoch", keep)
+    stage1.main(["--model", tiny_model_dir, "--reward", "geneval=0.5,ocr=0.5", "--mix", "alternate",
+                 "--train-prompts", f"{folder / 'g.jsonl'},{folder / 'o.txt'}", "--test-prompts", str(folder / "o.txt"),
+                 "--prompts-per-epoch", "2", "--group-size", "2", "--steps", "2", "--train-batch-size", "4",
+                 "--epochs", "3", "--eval-every", "0", "--lora-rank", "4", "--lora-alpha", "8", "--out", str(tmp_path / "run")])
+    assert seen == [({False}, {"geneval": 1.0}), ({True}, {"ocr": 1.0}), ({False}, {"geneval": 1.0})]
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")][1:]
+    assert ["reward_geneval" in r and "reward_ocr" not in r for r in log] == [True, False, True]

@@ -178,7 +178,8 @@ def test_bad_input_is_a_clear_error(tiny_model_dir, prompt_files, tmp_path, caps
 
 def test_eval_puts_base_and_adapters_in_one_table(tiny_model_dir, prompt_files, tmp_path):
     import eval as evaluate
-    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "run", "--epochs", "1"))
+    # quality: every group has a spread, so the epoch updates and the adapter differs from the base
+    stage1.main(tiny_args(tiny_model_dir, prompt_files, tmp_path / "run", "--reward", "quality", "--epochs", "1"))
     adapter = str(tmp_path / "run" / "adapter")
     evaluate.main(["--model", tiny_model_dir, "--adapters", f"a={adapter},b={adapter}", "--test-prompts",
                    prompt_files[1], "--steps", "2", "--out", str(tmp_path / "eval")])
@@ -187,6 +188,7 @@ def test_eval_puts_base_and_adapters_in_one_table(tiny_model_dir, prompt_files, 
     assert {r["eval_precision"] for r in rows} == {"fp32"}  # on fp32 weights, whatever the CPU: reproducible scores
     for key in ("geneval_acc", "geneval", "quality", "average", "geneval/colors"):
         assert rows[1][key] == rows[2][key], key  # the same adapter, prompts and seeds give the same row
+    assert rows[1]["quality"] != rows[0]["quality"]  # the adapter's row is its own, not the base's again
     assert "| a |" in open(tmp_path / "eval" / "table.md").read()
     assert os.path.isfile(tmp_path / "eval" / "grid.png")
     with pytest.raises(ValueError, match="row name 'ema0.5' in --adapters has a '.'"):

@@ -185,3 +185,26 @@ def test_stage1_update_is_the_gradient_of_the_clipped_surrogate_plus_beta_kl_wit
     assert norm > 0
     for (name, p), g in zip(student.items(), reference):
         torch.testing.assert_close(before[name] - p.detach(), g, rtol=1e-3, atol=2e-4 * norm)  # batched vs one by one
+
+
+def test_stage1_non_finite_loss_takes_no_step(tiny_model_dir):
+    import types
+    import common
+    import stage1_grpo as stage1
+    import training
+    bundle = training.load_model(tiny_model_dir)
+    policy = training.make_policy(bundle.transformer, 4, 8)
+    embeds, pooled = bundle.encode(["a red circle"] * 2)
+    batch = common.rollout_chunks(policy, embeds, pooled, bundle.latent_shape(bundle.resolution),
+                                  common.sampling_sigmas(bundle.scheduler, 2), [0, 1], 2, 0.7, 1.0, None, None, bf16=False)
+    batch.update(embeds=embeds, pooled=pooled, trained_steps=[0])
+    batch["log_probs"][1, 0] = math.nan  # one corrupted stored log-prob
+    student = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in student.items()}
+    args = types.SimpleNamespace(train_batch_size=2, world=1, rank=0, adv_clip=5.0, clip_range=0.2, beta=0.0,
+                                 kl_weighting="code", train_bf16=False, guidance=1.0, negative=None, noise_level=0.7,
+                                 max_grad_norm=1.0, ema=0.9)
+    stats = stage1.train_on_epoch(policy, batch, np.array([1.0, -1.0]), np.array([True, True]),
+                                  torch.optim.SGD(student.values(), lr=1.0), args)
+    assert math.isnan(stats["loss"]) and stats["updates"] == 0
+    assert all(torch.equal(p.detach(), before[n]) for n, p in student.items())

@@ -4,7 +4,7 @@
     score(images, prompts, metadata, names) -> {name: float array}    # images (B, 3, H, W) in [0, 1]
 
 A reward is NaN for a prompt it does not judge (an OCR prompt has no GenEval score).
-- miniature world (lab/commands.py): `geneval` (a detector on flat-colour scenes), `ocr` (rapidocr, recognition
+- miniature world (miniature/world.py): `geneval` (a detector on flat-colour scenes), `ocr` (rapidocr, recognition
   only on one-line 64 px images), `quality` (the flat-colour stand-in for DeQA);
 - real world: `ocr` (rapidocr, detection + recognition), `pickscore` (a CLIP preference model,
   logit_scale * cos / 26), `geneval` and `deqa` (clients of flow_grpo's reward servers; the DeQA server

@@ -19,6 +19,7 @@ pickled dict back. A pickle can call any function, so the reply is unpickled wit
 containers and numbers, numpy arrays and scalars: `plain_data_loads`), the client talks only to the URL the
 user gives (redirects are refused) and never to a default address.
 """
+import codecs
 import io
 import pickle
 import re
@@ -187,11 +188,10 @@ def _plain_data_globals():
     """The only globals a reward server's reply may name: what pickle needs for builtins' containers and
     numbers and for numpy arrays and scalars (numpy 2's module names and numpy 1's, since a server may run
     either; protocols 0-2 name builtins `__builtin__` and bytes as `_codecs.encode`)."""
-    import codecs
     from numpy._core import multiarray, numeric
     builtin = {"set": set, "frozenset": frozenset, "complex": complex, "bytearray": bytearray}
     allowed = {(module, name): value for module in ("builtins", "__builtin__") for name, value in builtin.items()}
-    allowed[("_codecs", "encode")] = codecs.encode
+    allowed[("_codecs", "encode")] = codecs.encode  # str -> bytes, nothing else
     allowed[("numpy", "ndarray")], allowed[("numpy", "dtype")] = np.ndarray, np.dtype
     for core in ("numpy._core", "numpy.core"):
         allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
@@ -200,17 +200,17 @@ def _plain_data_globals():
     return allowed
 
 
+PLAIN_DATA_GLOBALS = _plain_data_globals()
+
+
 class _PlainDataUnpickler(pickle.Unpickler):
-    """An Unpickler that resolves only _plain_data_globals(): anything else (a function to call, a class to
+    """An Unpickler that resolves only PLAIN_DATA_GLOBALS: anything else (a function to call, a class to
     build) raises before it is looked up, so nothing it names is imported or run."""
-    allowed = None
 
     def find_class(self, module, name):
-        if _PlainDataUnpickler.allowed is None:
-            _PlainDataUnpickler.allowed = _plain_data_globals()
-        if (module, name) not in self.allowed:
+        if (module, name) not in PLAIN_DATA_GLOBALS:
             raise pickle.UnpicklingError(f"{module}.{name}")
-        return self.allowed[(module, name)]
+        return PLAIN_DATA_GLOBALS[(module, name)]
 
 
 def plain_data_loads(data, url):

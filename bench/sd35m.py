@@ -297,10 +297,11 @@ def sd35m_gpu(results, smoke=False, cases="", budget_seconds=240.0, log=None, wo
     flops_of, slowest, summary = {}, 0.0, []
     for i, case in enumerate(pick_cases(cases, SMOKE_CASES if smoke else GPU_CASES)):
         layout, checkpointing, prompts, compiled, flash = case
-        key = f"gpu_sd35m_{resolution}_{case_name(*case)}"
+        label = case_name(*case)
+        key = f"gpu_sd35m_{resolution}_{label}"
         left = budget_seconds - (time.time() - start)
         if left < max(slowest, 1.0):
-            summary.append((case_name(*case), f"skipped: {left:.0f} s of the budget left"))
+            summary.append((label, f"skipped: {left:.0f} s of the budget left"))
             continue
         began = time.time()
         try:
@@ -314,16 +315,24 @@ def sd35m_gpu(results, smoke=False, cases="", budget_seconds=240.0, log=None, wo
         results.update(record)
         if log:
             with open(log, "a") as f:
-                f.write(json.dumps({"case": case_name(*case), "device": name, **record}) + "\n")
-        summary.append((case_name(*case), m.get("error") or (f"{m['step_seconds']:.3f} s/step, {m['peak_gib']:.1f} GiB"
-                        + (f", {record[key + '_tflops_achieved']:.0f} TFLOP/s ({100 * record[key + '_mfu']:.0f} % of "
-                           f"the matmul peak)" if key + "_mfu" in record else ""))))
+                f.write(json.dumps({"case": label, "device": name, **record}) + "\n")
+        summary.append((label, summary_line(m, record, key)))
         print(json.dumps({key: m}), flush=True)
-    print(f"\nsd35m-gpu on {name}, matmul peak {peak / 1e3:.0f} TFLOP/s, {time.time() - start:.0f} s "
+    print(f"\nsd35m-gpu on {name}, matmul peak {peak / 1e3:.1f} TFLOP/s, {time.time() - start:.0f} s "
           f"(budget {budget_seconds:.0f} s):")
     for case, line in summary:
         print(f"  {case:<32} {line}")
     return summary
+
+
+def summary_line(m, record, key):
+    """One case's line of the closing summary: its error, or step time, peak memory and achieved throughput."""
+    if "error" in m:
+        return m["error"]
+    line = f"{m['step_seconds']:.3f} s/step, {m['peak_gib']:.1f} GiB"
+    if key + "_mfu" in record:
+        line += f", {record[key + '_tflops_achieved']:.1f} TFLOP/s ({100 * record[key + '_mfu']:.0f} % of the matmul peak)"
+    return line
 
 
 def case_result(key, m, prompts, flops_of, family, peak, spec_tflops):

@@ -4,11 +4,16 @@
     python eval.py --adapters teacher-geneval=runs/teacher-geneval/adapter,teacher-ocr=runs/teacher-ocr/adapter
 
 Deterministic ODE (noise 0) at the model's eval step count and guidance. Writes OUT/eval.json (one
-row per model: per-task scores, GenEval per-category accuracy), OUT/table.md and OUT/grid.png (one
-column per model, the same prompts and seeds in every column).
+row per model: per-task scores, GenEval per-category accuracy), OUT/scores.json (every sample's scores, per row),
+OUT/table.md and OUT/grid.png (one column per model, the same prompts and seeds in every column).
+
+With --from-cards, a row whose folder holds a card.json scored under this exact protocol (a published teacher,
+lab/publish.py) takes its scores from the card: only the grid's prompts are sampled, and their scores must equal
+the card's, sample for sample, or the run stops.
 """
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -35,6 +40,50 @@ TEST_PROMPTS = "dataset/geneval/test_metadata.jsonl,dataset/ocr/test.txt"  # the
 MINIATURE_GENEVAL = ("GenEval: the official rule (at least each asked count; the exclude clause of counting prompts "
                      "makes their count exact), as flow_grpo's server `rewards`; the miniature has no exact-count variant. "
                      "\"Nothing unasked\": the official rule and no object drawn beyond the asked ones.")
+
+
+CARD = "card.json"  # a published row's card: its command, machine, minutes and test scores (lab/publish.py)
+CARD_MARK = " †"  # the table's mark of a row whose scores are its card's
+CARD_NOTE = "† scores from the row's published card (card.json); its grid slice was sampled again here and matched them."
+SLICE_TOLERANCE = 1e-5  # scores are stored to 6 decimals; a rescored slice must match to that rounding
+
+
+def protocol(prompts, seeds, steps, guidance, bf16):
+    """What makes two evaluations comparable sample for sample: the exact prompts and seeds (hashed), steps,
+    guidance and precision. A card's scores stand in for sampling only under an equal protocol."""
+    digest = hashlib.sha256(json.dumps([list(prompts), [int(s) for s in seeds]]).encode()).hexdigest()[:16]
+    return {"prompts_and_seeds": digest, "samples": len(prompts), "steps": steps, "guidance_scale": guidance,
+            "precision": "bf16" if bf16 else "fp32"}
+
+
+def card_scores(folder, wanted):
+    """{reward: per-sample array} from folder/card.json if its test scores were taken under `wanted` (protocol),
+    else None: a card scored another way is not used, and the row is sampled."""
+    path = os.path.join(folder, CARD) if folder and os.path.isdir(folder) else None
+    if not path or not os.path.isfile(path):
+        return None
+    card = json.load(open(path))
+    if card.get("test", {}).get("protocol") != wanted:
+        return None
+    return {name: np.asarray(values, dtype=float) for name, values in card["test"]["per_sample"].items()}
+
+
+def per_sample_lists(scores):
+    """Scores as JSON lists, 6 decimals (NaN where a reward does not judge the prompt)."""
+    return {name: [round(float(v), 6) for v in values] for name, values in scores.items()}
+
+
+def check_slice(rescored, card, index, row):
+    """Raises unless the freshly sampled and scored slice `index` equals the card's scores for those samples."""
+    for name, values in rescored.items():
+        expected = card[name][index]
+        same = np.isclose(values, expected, rtol=0, atol=SLICE_TOLERANCE) | (np.isnan(values) & np.isnan(expected))
+        if not same.all():
+            k = int(np.flatnonzero(~same)[0])
+            raise loading.UserError(
+                f"row {row!r}: the card's {name} for sample {int(index[k])} is {expected[k]:.6f} but rescoring gives "
+                f"{values[k]:.6f}; expected the published adapter to reproduce its card (re-publish it, or run "
+                f"without --from-cards)")
 
 
 def sample_images(bundle, prompts, seeds, num_steps, guidance_scale, noise_level=0.0, batch_size=None, bf16=None,
@@ -195,13 +244,14 @@ def gain_kept(score, base, teacher):
 
 def markdown_table(rows, columns, extra=()):
     """One line per row: each column's mean +- its standard error, the average of `columns`, then the
-    `extra` columns (shown, not averaged)."""
+    `extra` columns (shown, not averaged). A row scored from its card is marked †."""
     def cell(r, c):
         se = r.get(f"{c}_se", float("nan"))
         return f"{r.get(c, float('nan')):.3f}" + (f" ± {se:.3f}" if np.isfinite(se) else "")
     shown = (*columns, "average", *extra)
     head = "| model | " + " | ".join(TITLE.get(c, c) for c in shown) + " |\n" + "|---" * (len(shown) + 1) + "|\n"
-    return head + "".join(f"| {r['model']} | " + " | ".join(cell(r, c) for c in shown) + " |\n" for r in rows)
+    name = lambda r: r["model"] + CARD_MARK * (r.get("scores_from") == "card")  # noqa: E731
+    return head + "".join(f"| {name(r)} | " + " | ".join(cell(r, c) for c in shown) + " |\n" for r in rows)
 
 
 def label_grid(grid, column_names, row_names, font_size=12):
@@ -247,6 +297,8 @@ def main(argv=None):
     p.add_argument("--grid-prompts", type=training.positive_int, default=16,
                    help="prompts shown in the grid (spread over the split)")
     p.add_argument("--out", default="results/eval", help="output folder")
+    p.add_argument("--from-cards", action="store_true",
+                   help="rows with a card.json of this protocol take its scores; only their grid slice is rescored")
     args = p.parse_args(argv)
     adapters = parse_adapters(args.adapters)
     if args.test_prompts == p.get_default("test_prompts"):
@@ -264,28 +316,41 @@ def main(argv=None):
     if not runs:
         raise loading.UserError("--no-base-row without --adapters leaves no row to evaluate; expected --adapters "
                                "name=peft_folder,... or the base row")
-    rows, shown_images = [], []
+    rows, shown_images, per_sample = [], [], {}
     shown = np.linspace(0, len(items) - 1, min(args.grid_prompts, len(items))).round().astype(int)
+    wanted = protocol(prompts, seeds, steps, guidance, args.eval_bf16)
     for name, path in runs:
-        images = sample_row(bundle, model, None if path is None else name, prompts, seeds, steps, guidance,
-                            args.batch_size, args.eval_bf16)
+        card = card_scores(path or args.model, wanted) if args.from_cards else None
+        subset = shown if card is not None else np.arange(len(prompts))
+        images = sample_row(bundle, model, None if path is None else name, [prompts[i] for i in subset],
+                            [seeds[i] for i in subset], steps, guidance, args.batch_size, args.eval_bf16)
+        scores = score(images, [prompts[i] for i in subset], [metas[i] for i in subset], names=names)
+        if card is not None:
+            check_slice(scores, card, shown, name)
+            scores = card
+        per_sample[name] = per_sample_lists(scores)
         rows.append({"model": name, "adapter": path, "steps": steps, "guidance_scale": guidance, "seed": args.seed,
                      "samples_per_prompt": args.samples_per_prompt,
-                     "eval_precision": "bf16" if args.eval_bf16 else "fp32",
-                     **row_scores(score(images, prompts, metas, names=names), metas, columns, args.samples_per_prompt)})
+                     "eval_precision": "bf16" if args.eval_bf16 else "fp32", "protocol": wanted,
+                     "scores_from": "card" if card is not None else "sampled",
+                     **row_scores(scores, metas, columns, args.samples_per_prompt)})
         extra = [c for c in EXTRA_COLUMNS if c in rows[0]]
-        shown_images.append(images[shown])
+        shown_images.append(images if card is not None else images[shown])
         print(markdown_table(rows[-1:], columns, extra).splitlines()[-1])
+    if any(r["scores_from"] == "card" for r in rows):
+        note += f"\n{CARD_NOTE}\n"
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(rows, f, indent=1)
+    with open(os.path.join(args.out, "scores.json"), "w") as f:
+        json.dump(per_sample, f)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(markdown_table(rows, columns, extra) + note)
     grid = torch.stack(shown_images, 1).flatten(0, 1)  # row = prompt, column = model
     label_grid(training.image_grid(grid, len(runs)), [n for n, _ in runs],
                [items[i][0] for i in shown]).save(os.path.join(args.out, "grid.png"))
     print(markdown_table(rows, columns, extra) + note)
-    print(f"wrote {args.out}/eval.json, table.md and grid.png (columns: {', '.join(n for n, _ in runs)})")
+    print(f"wrote {args.out}/eval.json, scores.json, table.md and grid.png (columns: {', '.join(n for n, _ in runs)})")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import random
 import re
 import sys
@@ -555,3 +556,12 @@ def image_grid(images, columns=8):
         r, c = divmod(i, columns)
         grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = image
     return Image.fromarray(grid)
+
+
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo): two 2-core AVX-512 machines, a Xeon and an EPYC, differ 1.4x in speed."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

@@ -15,7 +15,8 @@ other tools) and BENCHMARKS.md is rewritten from it.
     python -m bench modes     # eager / torch.compile x fp32 / bf16 autocast, training pass and forward
     python -m bench sampler   # images per second of the miniature eval sampler
     python -m bench overheads # before/after seconds of the overheads the stages avoid
-    python -m bench pipeline  # minutes of the README's main command (python pipeline.py) from scratch
+    python -m bench demo      # minutes of `make demo` on a fresh clone of HEAD, set-up included
+    python -m bench pipeline  # minutes of everything from scratch: python pipeline.py --from-scratch --full
     python -m bench ocr       # the shipped rapidocr recogniser on rendered English text: the OCR reward of
                               #   perfect renders (miniature signs at 64 px; English phrases at 512 px, det+rec)
 
@@ -24,7 +25,6 @@ The SD3.5-M measurements live in bench/sd35m.py; each runs in its own process, s
 import argparse
 import json
 import os
-import platform
 import signal
 import sys
 import time
@@ -240,13 +240,28 @@ def overheads(results, batch=16):
 
 
 def pipeline_minutes(results):
-    """Wall minutes of the README's main command, `python pipeline.py`, from scratch (it writes results/)."""
+    """Wall minutes of every product from scratch, `python pipeline.py --from-scratch --full` (it writes results/)."""
     import pipeline
     if os.path.exists("runs"):
         raise SystemExit("python -m bench pipeline times the pipeline from scratch: move the runs/ folder away first")
     start = time.perf_counter()
-    pipeline.main([])
+    pipeline.main(["--from-scratch", "--full"])
     results["full_pipeline_minutes"] = (time.perf_counter() - start) / 60
+
+
+def demo_minutes(results):
+    """Wall minutes of the README's main command, `make demo`, on a fresh clone of HEAD: the virtual environment,
+    the packages (pip's cache as this machine has it), the published teachers' Stage 2 and 3, and the table."""
+    import subprocess
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="flow-opd-demo-")
+    subprocess.run(["git", "clone", "-q", os.getcwd(), folder], check=True)
+    start = time.perf_counter()
+    subprocess.run(["make", "demo"], cwd=folder, check=True)
+    results["demo_minutes"] = (time.perf_counter() - start) / 60
+    results["demo_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, check=True,
+                                            capture_output=True, text=True).stdout.strip()
+    print(f"make demo took {results['demo_minutes']:.1f} min; its results are in {folder}/results")
 
 
 ENGLISH_PHRASES = ("Hello World", "OPEN 24 HOURS", "Fresh Coffee", "No Parking", "Welcome Home", "EXIT", "Sale 50% Off",
@@ -285,17 +300,8 @@ def ocr(results):
                     "ocr_rendered_english_512px_misread": [t for t, r in zip(texts, large) if r < 1]})
 
 
-def cpu_model():
-    """The CPU's model name (/proc/cpuinfo): two 2-core AVX-512 machines, a Xeon and an EPYC, differ 1.4x in speed."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def write(results, command):
-    results["machine"] = (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    results["machine"] = (f"{training.cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {common.bf16_is_fast()}"
                           + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     results.setdefault("commands", [])
@@ -323,7 +329,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["peak", "sd35m", "sd35m-gpu", "loops", "modes", "sampler", "overheads",
-                                    "pipeline", "ocr"], help="which benchmark (see above)")
+                                    "pipeline", "demo", "ocr"], help="which benchmark (see above)")
     p.add_argument("--smoke", action="store_true",
                    help="sd35m-gpu's path on the CPU with one layer at 128 px, compile included; records nothing")
     p.add_argument("--budget-seconds", type=training.positive_float, default=240.0,
@@ -351,8 +357,8 @@ def main(argv=None):
         results["peak_bf16_gflops"] = matmul_peak(torch.bfloat16)
         results["peak_fp32_gflops"] = matmul_peak(torch.float32)
     else:
-        {"loops": loops, "modes": modes, "pipeline": pipeline_minutes, "sampler": sampler, "overheads": overheads,
-         "sd35m-gpu": sd35m_gpu, "sd35m": sd35m, "ocr": ocr}[args.what](results)
+        {"loops": loops, "modes": modes, "pipeline": pipeline_minutes, "demo": demo_minutes, "sampler": sampler,
+         "overheads": overheads, "sd35m-gpu": sd35m_gpu, "sd35m": sd35m, "ocr": ocr}[args.what](results)
     write(results, f"python -m bench {args.what}")
     print(json.dumps({k: v for k, v in results.items() if k != "commands"}, indent=1))
 

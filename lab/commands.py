@@ -5,6 +5,7 @@ specialist teachers, and a scored sample grid of any model.
     python -m lab pretrain  --out miniature/base           # train the shipped base model (see its README)
     python -m lab specialist --task ocr --out runs/teacher-ocr   # a LoRA fitted to renders (the OCR teacher)
     python -m lab sample    --model miniature/base --out results/base   # grid + scores of a model
+    python -m lab publish   --row teacher-geneval --adapter ... --eval ... --out miniature/teachers/geneval
 
 The world itself (prompts, renderer, scorers) is miniature/world.py; the tiny SD3 model is miniature/model.py.
 """
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 import common
+import lab.publish
 import loading
 import training
 import miniature.model
@@ -313,6 +315,7 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (default fp32: 1.5x faster training on this CPU)")
     p.add_argument("--seed", type=int, default=0, help="renders, noise")
     p.set_defaults(func=specialist)
+    lab.publish.add_command(command)
     p = command("latent-study", "measure a small PCA latent space against pixel space")
     p.set_defaults(func=latent_study)
     args = parser.parse_args(argv)

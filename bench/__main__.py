@@ -107,11 +107,11 @@ def loops(results, out="runs/bench-loops"):
     included) and achieved FLOP/s of Stage 1 and Stage 3 at the miniature defaults, 2 epochs each."""
     import stage1_grpo
     import stage3_opd
-    adapters = "results/adapters"
+    adapters = "miniature/teachers"  # the published teachers and anchor
     runs = {"stage1": (stage1_grpo.main, ["--reward", "geneval", "--epochs", "2", "--eval-every", "0",
                                           "--out", f"{out}/stage1"], 2 * 8 * 8 * 10),
-            "stage3": (stage3_opd.main, ["--teachers", f"geneval={adapters}/teacher-geneval,ocr={adapters}/teacher-ocr",
-                                         "--anchor", f"{adapters}/teacher-quality", "--epochs", "2", "--eval-every", "0",
+            "stage3": (stage3_opd.main, ["--teachers", f"geneval={adapters}/geneval,ocr={adapters}/ocr",
+                                         "--anchor", f"{adapters}/quality", "--epochs", "2", "--eval-every", "0",
                                          "--out", f"{out}/stage3"], 2 * 32 * 10)}  # epochs x trajectories x steps
     forward_flops, train_flops = miniature_flops_per_sample()
     peak = matmul_peak(torch.float32, sizes=(1024, 2048), repeats=10)  # the loops run in fp32 where bf16 is emulated
@@ -188,9 +188,9 @@ def overheads(results, batch=16):
     import stage3_opd
     bundle = training.load_model("miniature/base")
     policy = training.make_policy(bundle.transformer, 32, 64, targets=bundle.defaults["lora_targets"])
-    adapters = "results/adapters"
-    teacher_of, anchor = stage3_opd.load_guides(policy, {"geneval": f"{adapters}/teacher-geneval",
-                                                         "ocr": f"{adapters}/teacher-ocr"}, f"{adapters}/teacher-quality")
+    adapters = "miniature/teachers"  # the published teachers and anchor
+    teacher_of, anchor = stage3_opd.load_guides(policy, {"geneval": f"{adapters}/geneval", "ocr": f"{adapters}/ocr"},
+                                                f"{adapters}/quality")
     x = torch.randn(batch, *bundle.latent_shape(bundle.resolution))
     prompts = ["a photo of a red circle", 'a sign that says "K7"'] * (batch // 2)
     embeds, pooled = bundle.encode(prompts)

@@ -4,8 +4,8 @@ For each student adapter, its own SDE trajectories (stage3's sampler: 10 steps, 
 PROMPTS training prompts per task; at every step j, the mean over those trajectories of
 ||v_student - v_teacher||^2 / dims with each prompt's routed teacher, per task. Beside it the paper
 KL's weight per unit of that error, (|D_j| / 2) (c_j / s_j)^2 dims (M3), and the flat weighting's
-(|D_j| / 2) dims. Usage (after `python pipeline.py`):
-    python lab/studies/kl_per_step.py runs NAME,NAME,... [PROMPTS]
+(|D_j| / 2) dims. Usage (after `python pipeline.py --from-scratch`, whose runs-scratch/ holds the teachers):
+    python lab/studies/kl_per_step.py runs-scratch NAME,NAME,... [PROMPTS]
 Writes kl_per_step.txt and kl_per_step.png (one chart per task) beside this file.
 """
 import os, random, sys

@@ -293,6 +293,15 @@ def line_chart(series, title, x_label, levels, size=(640, 420)):
     return image
 
 
+def side_by_side(charts):
+    """One picture of equal-sized charts in a row."""
+    width, height = charts[0].size
+    picture = Image.new("RGB", (width * len(charts), height), "white")
+    for i, chart in enumerate(charts):
+        picture.paste(chart, (i * width, 0))
+    return picture
+
+
 def curve_png(logs, table, path):
     """Each task's test score against the trajectories each method sampled, GRPO-Mix, NFT-Mix and Flow-OPD side
     by side, each teacher's score as a dashed line: the start's row (base / the merge cold start), the run's
@@ -308,11 +317,7 @@ def curve_png(logs, table, path):
         charts.append(line_chart(series, f"test {column}: the table's rows at the ends, one seed per prompt between",
                                  "trajectories sampled by the method (OPD: the student's own; log scale)",
                                  {f"{task} teacher": rows[f"teacher-{task}"][column], "base": rows["base"][column]}))
-    width, height = charts[0].size
-    picture = Image.new("RGB", (width * len(charts), height), "white")
-    for i, chart in enumerate(charts):
-        picture.paste(chart, (i * width, 0))
-    picture.save(path)
+    side_by_side(charts).save(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,11 +371,7 @@ def mar_png(test, validation, chosen, path):
         levels = {"teacher": 1.0} if keys[0][0] == "kept_geneval" else {"base quality (test)": base["quality"]}
         charts.append(line_chart(series, f"MAR: {title}; chosen on validation: lambda {chosen:g}",
                                  "MAR weight lambda (log scale past 0)", levels))
-    width, height = charts[0].size
-    picture = Image.new("RGB", (width * len(charts), height), "white")
-    for i, chart in enumerate(charts):
-        picture.paste(chart, (i * width, 0))
-    picture.save(path)
+    side_by_side(charts).save(path)
 
 
 def mar_sweep(args, runs, out, budget, rows, test_table):

@@ -12,18 +12,20 @@ products, miniature/teachers/<name>/ (adapter + card: command, seed, machine, mi
   quality   the quality anchor (MAR)     stage1_grpo.py --reward quality --objective nft
   grpo-mix  / nft-mix                    stage1_grpo.py --reward geneval=0.5,ocr=0.5, GRPO / the GenEval recipe
 Steps, each cached (a finished step is skipped, an interrupted one resumes from its checkpoint):
-  1. (--from-scratch) the five products above, into runs/
+  1. (--from-scratch) the five products above, with their cards' commands, into runs-scratch/
   2. the Stage 2 cold start                stage2_coldstart.py search (the merge chosen on a validation split
                                            of the training prompts)
   3. Stage 3 OPD with MAR                  stage3_opd.py --kl-weighting flat --guidance geneval=1,ocr=4.5
      (--full) a second seed, the paper's KL weighting (opd-paper-kl), no MAR (opd-no-mar);
-     (--ablations) no cold start, ppo, per-epoch schedule, an SFT cold start
+     (--ablations) no cold start, ppo, per-epoch schedule, an SFT cold start;
+     (--mar-sweep) MAR weights 0, 0.2 and 1 beside the demo's 0.04, chosen on Stage 2's validation split
   4. every row scored on the same prompts  eval.py --from-cards: a published row's scores are its card's (its
                                            grid slice is sampled again and must match them), the others sampled
 Writes OUT/table.md (each score +- its standard error, and the share of each teacher's gain a row keeps),
 OUT/table.json, OUT/minutes.json (each step's minutes, a cached one's as first measured, the evaluation's, and
 their sum), OUT/grid.png (one column per model), OUT/curve.png (each task's test score against the trajectories
-each method sampled, teachers as lines), OUT/adapters/<row>/, OUT/logs/ and OUT/commands.sh.
+each method sampled, teachers as lines), OUT/adapters/<row>/, OUT/logs/ and OUT/commands.sh; with --mar-sweep
+also OUT/mar.json, OUT/mar.png and OUT/mar-validation/.
 """
 import json
 import math
@@ -111,12 +113,14 @@ PUBLISHED = {"teacher-geneval": "geneval", "teacher-ocr": "ocr", "teacher-qualit
              "nft-mix": "nft-mix"}  # row -> its folder in TEACHERS
 DEMO = ("coldstart-merge", "opd-merge")  # what `make demo` trains
 FULL_ROWS = ("opd-merge-seed1", "opd-paper-kl", "opd-no-mar")  # --full adds these rows
-MAR_SWEEP = {"opd-no-mar": 0.0, "opd-merge": 0.04, "opd-mar-0p2": 0.2, "opd-mar-1": 1.0}  # --mar-sweep: each row's lambda
+# --mar-sweep: each row's lambda (opd-merge runs at stage3_opd.py's default, 0.04)
+MAR_SWEEP = {"opd-no-mar": 0.0, "opd-merge": 0.04, "opd-mar-0p2": 0.2, "opd-mar-1": 1.0}
 MAR_KEPT_SLACK = 0.05  # the chosen lambda may cost each task's gain kept at most 5 points against no MAR
 ABLATIONS = ("coldstart-sft", "opd-sft", "opd-no-coldstart", "opd-ppo", "opd-schedule")  # with --ablations only
-# Each step's minutes on the 2-core AMD EPYC (docs/experiments.md), for the progress line's estimate of what is left
-EXPECTED_MINUTES = {"teacher-geneval": 9.1, "teacher-ocr": 7.7, "teacher-quality": 3.0, "grpo-mix": 3.0,
-                    "nft-mix": 11.0, "coldstart-merge": 4.5, "coldstart-sft": 4.0, "evaluation": 2.2}  # eval: per row
+# Each step's minutes on the 2-core AMD EPYC (docs/experiments.md, 2026-12-04 to 06), for the progress line's
+# estimate of what is left
+EXPECTED_MINUTES = {"teacher-geneval": 9.1, "teacher-ocr": 7.7, "teacher-quality": 2.4, "grpo-mix": 3.0,
+                    "nft-mix": 11.0, "coldstart-merge": 2.8, "coldstart-sft": 4.0, "evaluation": 2.2}  # eval: per row
 
 
 def products(runs, from_scratch):
@@ -374,14 +378,14 @@ def mar_png(test, validation, chosen, path):
     side_by_side(charts).save(path)
 
 
-def mar_sweep(args, runs, out, budget, rows, test_table):
+def mar_sweep(args, runs, out, dataset, budget, rows, test_table):
     """Scores the sweep's rows, the base and both teachers on the validation split, chooses lambda there, writes
     OUT/mar.json (both splits' points and the choice) and OUT/mar.png."""
     folder = os.path.join(out, "mar-validation")
     names = ["teacher-geneval", "teacher-ocr", *MAR_SWEEP]
     evaluation.main(["--model", args.model, "--adapters", ",".join(f"{n}={dict(rows)[n]}" for n in names),
-                     "--test-prompts", validation_files("dataset", os.path.join(runs, "validation-prompts"),
-                                                                       budget["validation_per_task"]),
+                     "--test-prompts", validation_files(dataset, os.path.join(runs, "validation-prompts"),
+                                                       budget["validation_per_task"]),
                      "--out", folder, *budget["validation"]])
     validation = json.load(open(os.path.join(folder, "eval.json")))
     chosen = choose_lambda(validation)
@@ -503,7 +507,7 @@ def main(argv=None):
     table = json.load(open(os.path.join(out, "eval.json")))
     this_run = write_table(args, out, table, rows, commands, minutes, eval_argv, started, eval_minutes)
     if args.mar_sweep:
-        mar_sweep(args, runs, out, budget, rows, table)
+        mar_sweep(args, runs, out, dataset, budget, rows, table)
     logs = {n: log_file(a) for n, a in rows[1:]}
     if all(os.path.isfile(logs.get(run, "")) for run, _, _ in CURVES):
         curve_png(logs, table, os.path.join(out, "curve.png"))

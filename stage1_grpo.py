@@ -110,6 +110,13 @@ def nft_loss(v, v_old, target, r, beta):
     return per_dim.flatten(1).mean(1)
 
 
+def nft_kl(v, v_base):
+    """DiffusionNFT's KL to the base, per sample: mean_d (v - v_base)^2 (no M3 time weighting: NFT's times are not
+    sampler steps). kappa nft_kl added to nft_loss moves its minimum to (beta^2 v_old + beta (2r - 1)(u - v_old)
+    + kappa v_base) / (beta^2 + kappa): plain NFT at kappa = 0, the base as kappa -> inf."""
+    return ((v.float() - v_base.float()) ** 2).flatten(1).mean(1)
+
+
 def old_decay(epoch, eta, ramp_epochs):
     """eta of DiffusionNFT's soft update old <- eta old + (1 - eta) student before this epoch: 0 at epoch 1,
     linearly up to eta at epoch ramp_epochs + 1 (on-policy early, steadier later), then held; ramp 0: eta."""
@@ -239,9 +246,10 @@ def chunks(advantages, informative, args):
 def train_nft_epoch(policy, batch, advantages, informative, optimizer, args):
     """DiffusionNFT (--objective nft): the epoch's final images, noised at shifted logit-normal times, fitted with
     nft_loss: the policy's conditional velocity (with --nft-guidance w, the CFG one) against that of the epoch's
-    fixed sampling policy, adapter "old"; zero-variance groups skipped. No likelihoods: a regression per trajectory."""
+    fixed sampling policy, adapter "old"; zero-variance groups skipped. No likelihoods: a regression per trajectory.
+    With --nft-kl kappa > 0, plus kappa nft_kl towards the base (adapter disabled), logged as "kl"."""
     x0, device = batch["states"][:, -1], batch["states"].device
-    stats = {"loss": 0.0, "updates": 0}
+    stats = {"loss": 0.0, "kl": 0.0, "updates": 0}
     params = [p for p in policy.parameters() if p.requires_grad]
     for _ in range(args.nft_times):
         for idx, adv, count in chunks(advantages, informative, args):
@@ -255,19 +263,20 @@ def train_nft_epoch(policy, batch, advantages, informative, optimizer, args):
                 v = common.velocity(policy, x_sigma, sigma, embeds, pooled, args.nft_guidance, args.negative)
                 with torch.no_grad(), loading.use_adapter(policy, "old"):
                     v_old = common.velocity(policy, x_sigma, sigma, embeds, pooled, args.nft_guidance, args.negative)
-            loss = nft_loss(v, v_old, noise - x0[idx], r, args.nft_beta).sum() / count
+                with torch.no_grad(), loading.use_adapter(policy, None):  # kappa = 0 saves the base forward
+                    v_base = common.velocity(policy, x_sigma, sigma, embeds, pooled, args.nft_guidance, args.negative) if args.nft_kl > 0 else None
+            kl = nft_kl(v, v_base).sum() / count if args.nft_kl > 0 else torch.zeros(())
+            loss = nft_loss(v, v_old, noise - x0[idx], r, args.nft_beta).sum() / count + args.nft_kl * kl
             loss.backward()
             stats["loss"] += training.all_reduce(loss.detach().reshape(1), args).item()
+            stats["kl"] += training.all_reduce(kl.detach().reshape(1), args).item()
             if not math.isfinite(stats["loss"]):
                 optimizer.zero_grad(set_to_none=True)
                 return stats
             training.optimizer_step(params, optimizer, args, policy=policy)
             stats["updates"] += 1
-    stats["loss"] /= max(1, stats["updates"])
+    stats["loss"], stats["kl"] = stats["loss"] / max(1, stats["updates"]), stats["kl"] / max(1, stats["updates"])
     return stats
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 def prompt_files(args):
@@ -302,6 +311,8 @@ def parse_args(argv=None):
                         "the student; DiffusionNFT ramps to 0.5)")
     p.add_argument("--nft-old-ramp", type=training.nonnegative_int,
                    help="NFT: epochs over which that eta rises from 0 (default 0: no ramp)")
+    p.add_argument("--nft-kl", type=training.nonnegative_float,
+                   help="NFT: kappa of the KL-to-base term nft_kl (default 0: none, DiffusionNFT's default)")
     p.add_argument("--train-prompts", default=None,
                    help="comma-separated prompt files, each path or task=path (default: by reward)")
     p.add_argument("--test-prompts", default=None,
@@ -329,7 +340,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     args.rewards = parse_rewards(args.reward)
-    nft_defaults = {"nft_beta": 1.0, "nft_times": 1, "nft_shift": None, "nft_guidance": 1.0, "nft_old_decay": 0.0, "nft_old_ramp": 0}
+    nft_defaults = {"nft_beta": 1.0, "nft_times": 1, "nft_shift": None, "nft_guidance": 1.0, "nft_old_decay": 0.0, "nft_old_ramp": 0, "nft_kl": 0.0}
     nft_flags = [f"--{name.replace('_', '-')}" for name in nft_defaults if getattr(args, name) is not None]
     if args.objective != "nft" and nft_flags:  # given with GRPO, even at their defaults, they would be ignored silently
         raise loading.UserError(f"{', '.join(nft_flags)} only apply to --objective nft; expected --objective nft with them, or none of them with --objective {args.objective}")

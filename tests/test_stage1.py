@@ -245,6 +245,23 @@ def test_nft_loss_gradient_minimum_and_optimality():
     np.testing.assert_allclose(stage1.optimality(np.array([-3.0, -0.5, 0.0, 0.5, 3.0])), [0, 0.25, 0.5, 0.75, 1])
 
 
+def test_nft_kl_moves_the_minimum_towards_the_base_as_its_docstring_says():
+    """nft_loss + kappa nft_kl, minimised by gradient descent, lands on the closed form; kappa = 0 is plain NFT."""
+    torch.manual_seed(0)
+    v_old, target, v_base = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    r, beta = torch.tensor([0.0, 0.25, 0.5, 1.0]).view(-1, 1, 1, 1), 0.7
+    for kappa in (0.0, 0.5, 4.0):
+        v = v_old.clone().requires_grad_(True)
+        optimizer = torch.optim.SGD([v], lr=2.0)
+        for _ in range(2000):
+            optimizer.zero_grad()
+            (stage1.nft_loss(v, v_old, target, r.flatten(), beta) + kappa * stage1.nft_kl(v, v_base)).sum().backward()
+            optimizer.step()
+        closed = (beta**2 * v_old + beta * (2 * r - 1) * (target - v_old) + kappa * v_base) / (beta**2 + kappa)
+        torch.testing.assert_close(v.detach(), closed, atol=1e-4, rtol=0)
+    torch.testing.assert_close(stage1.nft_kl(v_base + 2, v_base), torch.full((4,), 4.0))
+
+
 def test_old_decay_ramps_linearly_then_holds():
     assert [stage1.old_decay(epoch, 0.5, 4) for epoch in (1, 2, 3, 5, 9)] == [0.0, 0.125, 0.25, 0.5, 0.5]
     assert [stage1.old_decay(epoch, 0.5, 0) for epoch in (1, 2, 50)] == [0.5, 0.5, 0.5]
@@ -264,7 +281,8 @@ def test_nft_epoch_fits_the_velocity_of_its_guidance(tiny_model_dir, guidance):
     x0 = torch.randn(2, *bundle.latent_shape(bundle.resolution), generator=torch.Generator().manual_seed(1))
     negative = bundle.encode([""])
     args = argparse.Namespace(nft_times=1, train_batch_size=2, world=1, rank=0, shift=3.0, train_bf16=False,
-                              nft_beta=1.0, nft_guidance=guidance, negative=negative, max_grad_norm=1.0, ema=0.9)
+                              nft_beta=1.0, nft_guidance=guidance, negative=negative, max_grad_norm=1.0, ema=0.9,
+                              nft_kl=0.0)
     optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.1)
     torch.manual_seed(0)
     stats = stage1.train_nft_epoch(policy, {"states": x0[:, None], "embeds": embeds, "pooled": pooled},
@@ -276,6 +294,41 @@ def test_nft_epoch_fits_the_velocity_of_its_guidance(tiny_model_dir, guidance):
         v_old = common.velocity(policy, common.forward_noise(x0, sigma, noise), sigma, embeds, pooled, guidance, negative)
     assert stats["updates"] == 1
     assert stats["loss"] == pytest.approx(((v_old - (noise - x0)) ** 2).flatten(1).mean(1).mean().item(), rel=1e-5)
+
+
+def test_nft_epoch_adds_kappa_times_the_kl_to_the_base_with_the_adapter_disabled(tiny_model_dir):
+    import argparse
+    bundle = training.load_model(tiny_model_dir)
+    policy = training.make_policy(bundle.transformer, rank=4, alpha=8)
+    policy.add_adapter("old", policy.peft_config["student"])
+    loading.freeze_all_but(policy, "student")
+    with torch.no_grad():  # a student (and sampling policy) away from the base, so the KL is not zero
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn_like(p))
+    embeds, pooled = bundle.encode(["a red circle", "a blue square"])
+    x0 = torch.randn(2, *bundle.latent_shape(bundle.resolution), generator=torch.Generator().manual_seed(1))
+    args = argparse.Namespace(nft_times=1, train_batch_size=2, world=1, rank=0, shift=3.0, train_bf16=False,
+                              nft_beta=1.0, nft_guidance=1.0, negative=bundle.encode([""]), max_grad_norm=1.0,
+                              ema=0.9, nft_kl=0.5)
+    optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
+    torch.manual_seed(0)
+    stats = stage1.train_nft_epoch(policy, {"states": x0[:, None], "embeds": embeds, "pooled": pooled},
+                                   np.array([1.0, -1.0]), np.array([True, True]), optimizer, args)
+    torch.manual_seed(0)
+    sigma = common.training_sigmas(2, 3.0)
+    x_sigma = common.forward_noise(x0, sigma, torch.randn_like(x0))
+    with torch.no_grad(), loading.use_adapter(policy, "student"):
+        v = common.velocity(policy, x_sigma, sigma, embeds, pooled, 1.0, None)
+    with torch.no_grad(), loading.use_adapter(policy, None):
+        v_base = common.velocity(policy, x_sigma, sigma, embeds, pooled, 1.0, None)
+    kl = ((v - v_base) ** 2).flatten(1).mean(1).mean().item()
+    assert kl > 1e-6 and stats["kl"] == pytest.approx(kl, rel=1e-5)
+    args.nft_kl = 0.0
+    torch.manual_seed(0)
+    plain = stage1.train_nft_epoch(policy, {"states": x0[:, None], "embeds": embeds, "pooled": pooled},
+                                   np.array([1.0, -1.0]), np.array([True, True]), optimizer, args)
+    assert plain["kl"] == 0.0 and stats["loss"] == pytest.approx(plain["loss"] + 0.5 * kl, rel=1e-5)
 
 
 def test_nft_objective_samples_odes_trains_lora_and_resumes_exactly(tiny_model_dir, prompt_files, tmp_path):

@@ -28,7 +28,7 @@ def choose(base, candidates):
     return max(eligible, key=lambda name: eligible[name][2]) if eligible else None
 
 
-def scatter(base, candidates, chosen, path, size=(640, 480), lim=((0.1, 0.6), (0.05, 0.25))):
+def scatter(base, candidates, chosen, path, size=(640, 480), lim=((0.1, 0.6), (0.0, 0.25))):
     """Official against nothing unasked, ± se bars; the region of issue 44's bars shaded, the rule's line dotted."""
     from PIL import Image, ImageDraw, ImageFont
     font, image = ImageFont.load_default(size=13), Image.new("RGB", size, "white")

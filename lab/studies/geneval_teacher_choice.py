@@ -4,7 +4,8 @@
 the last candidate's result: gain at least MIN_GAIN on the official rule over the base (below it a student's share
 of the gain cannot be measured on the test), and among those the highest "nothing unasked".
 Usage:  python lab/studies/geneval_teacher_choice.py BASE_EVAL_JSON NAME=EVAL_JSON ...   (eval.py's eval.json files;
-the base row is taken from the first)  ->  geneval_teacher_choice.txt and .png beside this file.
+the base row is taken from the first; NAMEs "<N>ep" are one recipe after N epochs, drawn as a curve; a NAME starting "ref:" is drawn for reference, not a candidate: e.g. a teacher
+trained on all training prompts, these 96 included)  ->  geneval_teacher_choice.txt and .png beside this file.
 """
 import json, os, sys
 
@@ -24,7 +25,7 @@ def row(path, model):
 
 def choose(base, candidates):
     """The candidate with the highest nothing-unasked among those gaining >= MIN_GAIN official; None if none does."""
-    eligible = {name: r for name, r in candidates.items() if r[0] - base[0] >= MIN_GAIN}
+    eligible = {name: r for name, r in candidates.items() if r[0] - base[0] >= MIN_GAIN and not name.startswith("ref:")}
     return max(eligible, key=lambda name: eligible[name][2]) if eligible else None
 
 
@@ -49,8 +50,12 @@ def scatter(base, candidates, chosen, path, size=(640, 480), lim=((0.1, 0.6), (0
         draw.text((left - 6, at(x0, y)[1]), f"{y:.2f}", fill="black", font=font, anchor="rm")
     draw.text(((left + right) / 2, size[1] - 6), "GenEval, official rule (validation)", fill="black", font=font, anchor="md")
     draw.text((left, 10), "GenEval teacher candidates on validation: official (x) against nothing unasked (y), ± se", fill="black", font=font)
+    budget = sorted((int(name[:-2]), r) for name, r in candidates.items() if name[:-2].isdigit() and name.endswith("ep"))
+    if budget:  # "<N>ep" rows are one recipe's budget curve, joined from the base (0 epochs) on
+        draw.line([at(r[0], r[2]) for r in [base] + [r for _, r in budget]], fill=(160, 190, 220), width=2)
     for name, r in [("base", base)] + list(candidates.items()):
-        color = (0, 0, 0) if name == "base" else (214, 39, 40) if name == chosen else (31, 119, 180)
+        color = (0, 0, 0) if name == "base" else (214, 39, 40) if name == chosen else \
+            (150, 150, 150) if name.startswith("ref:") else (31, 119, 180)
         (px, py), (ax, ay), (bx, by) = at(r[0], r[2]), at(r[0] - r[1], r[2] - r[3]), at(r[0] + r[1], r[2] + r[3])
         draw.line([(ax, py), (bx, py)], fill=color), draw.line([(px, ay), (px, by)], fill=color)
         draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=color)

@@ -27,6 +27,7 @@ their sum), OUT/grid.png (one column per model), OUT/curve.png (each task's test
 each method sampled, teachers as lines), OUT/adapters/<row>/, OUT/logs/ and OUT/commands.sh; with --mar-sweep
 also OUT/mar.json, OUT/mar.png and OUT/mar-validation/.
 """
+import hashlib
 import json
 import math
 import os
@@ -201,17 +202,33 @@ def quick_test_files(dataset, folder):
     return ",".join(paths)
 
 
+def adapter_inputs(argv):
+    """{folder: sha256 prefix of its weights} of every peft folder a step's arguments name (teachers, --init, the
+    anchor): what a command cannot show has changed, e.g. a published teacher replaced at the same path."""
+    found = {}
+    for part in (piece for token in argv for piece in str(token).split(",")):
+        weights = os.path.join(part.split("=", 1)[-1], "adapter_model.safetensors")
+        if os.path.isfile(weights):
+            found[part.split("=", 1)[-1]] = hashlib.sha256(open(weights, "rb").read()).hexdigest()[:16]
+    return found
+
+
 def run_step(name, script, argv, runs):
     """Runs one step unless its adapter exists; an interrupted step resumes. Returns (command, minutes).
-    A finished step made by another command (other teachers, other budgets) is refused, never silently reused."""
+    A finished step made by another command (other teachers, other budgets), or from adapters that have changed
+    since, is refused, never silently reused."""
     folder = os.path.join(runs, name)
-    command = step_command(script, step_argv(script, argv, folder))
+    command, inputs = step_command(script, step_argv(script, argv, folder)), adapter_inputs(argv)
     timing = os.path.join(folder, "minutes.json")
     made = json.load(open(timing)) if os.path.isfile(timing) else {}
     if os.path.isdir(os.path.join(folder, "adapter")):
         if made.get("command", command) != command:
             raise loading.UserError(f"{folder} was made by another command ({made['command']!r}); expected {command!r}"
                                     f": move it away, or pass another --runs folder")
+        changed = sorted(path for path, sha in made.get("inputs", inputs).items() if inputs.get(path) != sha)
+        if changed:
+            raise loading.UserError(f"{folder} was made from adapters that have changed since ({', '.join(changed)}); "
+                                    f"expected the same weights: move it away, or pass another --runs folder")
         print(f"[cached] {name}")
         return command, made.get("minutes")
     print(f"[run] {command}")
@@ -219,7 +236,7 @@ def run_step(name, script, argv, runs):
     script.main(step_argv(script, argv, folder))
     minutes = (time.time() - start) / 60
     with open(timing, "w") as f:
-        json.dump({"minutes": minutes, "command": command}, f)
+        json.dump({"minutes": minutes, "command": command, "inputs": inputs}, f)
     return command, minutes
 
 

@@ -64,6 +64,10 @@ def test_quick_pipeline_from_scratch_runs_every_step_and_caches_it(tmp_path, cap
     check_table(out, ["base", *pipeline.PUBLISHED, *pipeline.DEMO])
     with pytest.raises(loading.UserError, match="coldstart-merge was made by another command"):
         pipeline.main(["--quick", "--out", str(out), "--runs", str(runs)])  # the published teachers, not these
+    weights = runs / "teacher-geneval" / "adapter" / "adapter_model.safetensors"  # a teacher replaced in place
+    weights.write_bytes(weights.read_bytes()[:-1] + b" ")
+    with pytest.raises(loading.UserError, match="coldstart-merge was made from adapters that have changed since"):
+        pipeline.main(["--quick", "--from-scratch", "--out", str(out), "--runs", str(runs)])
 
 
 def test_mar_weight_is_the_best_quality_that_keeps_each_gain_within_five_points():

@@ -207,10 +207,10 @@ def adapter_inputs(argv):
     """{folder: sha256 prefix of its weights} of every peft folder a step's arguments name (teachers, --init, the
     anchor): what a command cannot show has changed, e.g. a published teacher replaced at the same path."""
     found = {}
-    for part in (piece for token in argv for piece in str(token).split(",")):
-        weights = os.path.join(part.split("=", 1)[-1], "adapter_model.safetensors")
+    for folder in (piece.split("=", 1)[-1] for token in argv for piece in str(token).split(",")):  # name=folder too
+        weights = os.path.join(folder, "adapter_model.safetensors")
         if os.path.isfile(weights):
-            found[part.split("=", 1)[-1]] = hashlib.sha256(open(weights, "rb").read()).hexdigest()[:16]
+            found[folder] = hashlib.sha256(open(weights, "rb").read()).hexdigest()[:16]
     return found
 
 

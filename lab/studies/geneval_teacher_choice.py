@@ -1,13 +1,14 @@
 """Which GenEval teacher to publish, chosen on a validation split (issue 44's fallback; docs/experiments.md,
 2026-12-06). Every candidate was trained on 1704 GenEval training prompts and evaluated by eval.py on the other
-96 (4 seeds each, the table's sampler and CFG), so no test prompt takes part in the choice. The rule, fixed before
-the last candidate's result: gain at least MIN_GAIN on the official rule over the base (below it a student's share
+96 (4 seeds each, the table's sampler and CFG), so no test prompt takes part in the choice. The rule, written down
+before the last three candidates and the budget curve were scored: gain at least MIN_GAIN on the official rule over the base (below it a student's share
 of the gain cannot be measured on the test), and among those the highest "nothing unasked".
 It chose 20 epochs of the published recipe; retrained on all training prompts, that teacher gained +0.08 on the
 test and about nothing on Stage 2's validation prompts, so the 30-epoch teacher stayed (docs/experiments.md).
 Usage:  python lab/studies/geneval_teacher_choice.py BASE_EVAL_JSON NAME=EVAL_JSON ...   (eval.py's eval.json files;
-the base row is taken from the first; NAMEs "<N>ep" are one recipe after N epochs, drawn as a curve; a NAME starting "ref:" is drawn for reference, not a candidate: e.g. a teacher
-trained on all training prompts, these 96 included)  ->  geneval_teacher_choice.txt and .png beside this file.
+the base row is taken from the first; NAMEs "<N>ep" are one recipe after N epochs, drawn as a curve; a NAME
+starting "ref:" is drawn for reference, not a candidate: e.g. a teacher trained on all training prompts, these 96
+included)  ->  geneval_teacher_choice.txt and .png beside this file.
 """
 import json, os, sys
 
